@@ -1,0 +1,59 @@
+# recsys — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the project needs (browser tests drive Debian's Chromium; kcat for raw reads).
+DEB_PACKAGES := chromium chromium-driver kcat
+
+export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
+export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
+export SPARK_LOCAL_IP := 127.0.0.1
+
+.PHONY: help setup demo test test-unit bench lint clean .debs-installed
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed jvm/lib/.installed .debs-installed ## install everything: venv, Maven jars, Debian packages (idempotent)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+jvm/lib/.installed: jvm/pom.xml
+	rm -rf jvm/lib
+	mvn -q -B -f jvm/pom.xml -P kafka dependency:copy-dependencies
+	mvn -q -B -f jvm/pom.xml -P spark dependency:copy-dependencies
+	mvn -q -B -f jvm/pom.xml -P graphframes dependency:copy-dependencies \
+	  || echo "setup: GraphFrames jar not served by this Maven registry; graph steps use plain DataFrames"
+	touch $@
+
+.debs-installed:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: setup ## run the main job on the embedded default (local broker, Spark local, bundled data)
+	$(BIN)/recsys demo
+
+test: setup lint ## run every test tier (starts its own broker, Spark, workers)
+	$(BIN)/pytest
+
+test-unit: setup ## unit tests only (no services, seconds)
+	$(BIN)/pytest -m unit
+
+bench: setup ## run the benchmarks and print the ratios
+	$(BIN)/python -m bench
+
+lint: $(VENV)/.installed ## ruff
+	$(BIN)/ruff check .
+
+clean: ## remove local state (var/, exports/); keeps venv and jars
+	rm -rf var exports

@@ -1,0 +1,148 @@
+"""The one `recsys` command. Subcommands import their process's code lazily, so `recsys --help`
+and a bad setting answer at once, before any heavy import or network I/O."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from importlib import import_module
+
+from recsys import settings as settings_mod
+
+log = logging.getLogger("recsys")
+
+EPILOG = """\
+Settings come from RECSYS_* environment variables (`recsys config` lists them with their
+defaults); the flags above override them. Typical local session:
+
+  recsys broker start && recsys topics create
+  recsys produce --rate 5000          # replay the bundled Online Retail data into `sales`
+  recsys consume sales --max 5        # look at what arrived
+  recsys broker stop
+"""
+
+
+def _mapping_flags(p: argparse.ArgumentParser) -> None:
+    """CSV column mapping, shared by `produce` and `train --file`."""
+    g = p.add_argument_group("CSV mapping (defaults fit the bundled UCI Online Retail file)")
+    g.add_argument("--user-col", default="CustomerID", help="user id column (default %(default)s)")
+    g.add_argument("--product-col", default="StockCode", help="product id column (default %(default)s)")
+    g.add_argument("--quantity-col", default="Quantity", help="quantity column (default %(default)s)")
+    g.add_argument("--time-col", default="InvoiceDate", help="event time column (default %(default)s)")
+    g.add_argument("--price-col", default="UnitPrice", help="unit price column, '' for none (default %(default)s)")
+    g.add_argument("--invoice-col", default="InvoiceNo", help="invoice column, '' for none (default %(default)s)")
+    g.add_argument("--description-col", default="Description", help="product description column, '' for none")
+    g.add_argument("--country-col", default="Country", help="country column, '' for none")
+    g.add_argument("--time-format", default="%Y-%m-%d %H:%M:%S",
+                   help="strptime format of the time column, or 'iso' or 'epoch-ms' (default %(default)s)")
+    g.add_argument("--timezone", default="Europe/London",
+                   help="zone of naive timestamps (default %(default)s)")
+    g.add_argument("--delimiter", default=",", help="CSV delimiter (default %(default)r)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recsys",
+        description="Real-time product recommender on Apache Kafka and Apache Spark.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bootstrap", dest="kafka_bootstrap", help="Kafka bootstrap servers (RECSYS_KAFKA_BOOTSTRAP)")
+    p.add_argument("--data-dir", dest="data_dir", help="local state folder (RECSYS_DATA_DIR)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR (RECSYS_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    b = sub.add_parser("broker", help="start, stop or inspect the local single-node KRaft broker")
+    b.add_argument("action", choices=["start", "stop", "status"])
+    b.add_argument("--port", type=int, default=None,
+                   help="client port (default: the port of RECSYS_KAFKA_BOOTSTRAP)")
+    b.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready/stopped")
+    b.set_defaults(handler="recsys.broker:cli")
+
+    t = sub.add_parser("topics", help="create (idempotently) or list the declared topics")
+    t.add_argument("action", choices=["create", "list"])
+    t.set_defaults(handler="recsys.topics:cli")
+
+    pr = sub.add_parser(
+        "produce",
+        help="replay a purchases CSV (default: the bundled data) or a synthetic stream into `sales`",
+        description="Each CSV row becomes one Avro `Sale` on `sales`, keyed by user; a row that "
+        "cannot (no customer, bad number or date) goes to `sales.dlq` with the row and the reason. "
+        "The run ends with: read = published + dead-lettered.",
+    )
+    pr.add_argument("--file", help="purchases CSV, plain or .gz (default: the bundled data set)")
+    _mapping_flags(pr)
+    pace = pr.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    pace.add_argument("--speedup", type=float,
+                      help="replay at X times the original pace, from the event timestamps")
+    pr.add_argument("--limit", type=int, help="stop after N input rows")
+    pr.add_argument("--skip", type=int, default=0, help="skip the first N input rows")
+    pr.add_argument("--synthetic", action="store_true",
+                    help="generate events instead of reading a CSV (Zipf products, returns)")
+    pr.add_argument("--users", type=int, default=5000, help="synthetic: users (default %(default)s)")
+    pr.add_argument("--products", type=int, default=3000, help="synthetic: products (default %(default)s)")
+    pr.add_argument("--events", type=int, default=100_000, help="synthetic: events (default %(default)s)")
+    pr.add_argument("--seed", type=int, default=None, help="synthetic: seed (default RECSYS_SEED)")
+    pr.add_argument("--topic", default="sales", help=argparse.SUPPRESS)
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(handler="streams.producer:cli")
+
+    c = sub.add_parser("consume", help="print a topic's records as JSON lines, decoded")
+    c.add_argument("topic", help="sales, sales.dlq, model-ready, recommendations, graph-edges, ...")
+    c.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
+    c.add_argument("--max", type=int, help="stop after N records")
+    c.add_argument("--timeout", type=float, help="stop after S seconds without a record")
+    c.set_defaults(handler="streams.consume:cli")
+
+    cfg = sub.add_parser("config", help="show the effective settings (or the reference table)")
+    cfg.add_argument("--markdown", action="store_true", help="print README's reference table")
+    cfg.set_defaults(handler="recsys.cli:config_cli")
+
+    d = sub.add_parser("demo", help="the main job on the embedded default, start to finish")
+    d.add_argument("--limit", type=int, help="replay only the first N rows")
+    d.set_defaults(handler="recsys.demo:cli")
+
+    return p
+
+
+def config_cli(settings: settings_mod.Settings, args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_mod.markdown_table())
+        return 0
+    for name, value in settings.model_dump().items():
+        print(f"{settings_mod.ENV_PREFIX}{name.upper()}={'' if value is None else value}")
+    return 0
+
+
+def _resolve(spec: str) -> Callable[[settings_mod.Settings, argparse.Namespace], int]:
+    module, func = spec.split(":")
+    return getattr(import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_mod.load(
+            kafka_bootstrap=args.kafka_bootstrap, data_dir=args.data_dir, log_level=args.log_level
+        )
+    except settings_mod.SettingsError as exc:
+        print(f"recsys: {exc}", file=sys.stderr)
+        return 2
+    from recsys import logs
+
+    logs.setup(settings.log_level)
+    try:
+        return _resolve(args.handler)(settings, args) or 0
+    except settings_mod.SettingsError as exc:
+        print(f"recsys: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

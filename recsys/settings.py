@@ -1,0 +1,185 @@
+"""The one settings object every process reads.
+
+Values come from `RECSYS_*` environment variables (read here and nowhere else), then CLI flags
+override them through `load(**overrides)`. Validation happens before any network I/O; a bad value
+becomes one line naming the variable, the value and what is allowed (`SettingsError`).
+
+Every field's description is its documentation: README's configuration table is generated from it
+(`recsys config --markdown`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RECSYS_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not allowed; str() is the one line to show the user."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    # --- Kafka ------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        description="Kafka bootstrap servers, comma-separated host:port.",
+        pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$",
+    )
+    topic_partitions: int = Field(
+        2, ge=1, le=1024, description="Partitions for topics created by `recsys topics create`."
+    )
+    topic_replication: int = Field(
+        1, ge=1, le=16, description="Replication factor for created topics (3 on a cluster)."
+    )
+    # --- local state --------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("var"),
+        description="Local state: broker data, checkpoints, store, models, logs. "
+        "Deleting it resets the local system.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of every process."
+    )
+    # --- local broker ---------------------------------------------------------------------------
+    broker_heap_mb: int = Field(
+        512, ge=256, le=16384, description="Heap of the local broker started by `recsys broker`."
+    )
+    # --- producer -------------------------------------------------------------------------------
+    producer_batch_kb: int = Field(
+        512, ge=16, le=16384, description="Producer batch size in KiB (linger and batching)."
+    )
+    producer_linger_ms: int = Field(20, ge=0, le=10000, description="Producer linger in ms.")
+    # --- Spark ----------------------------------------------------------------------------------
+    spark_master: str = Field(
+        "local[2]", description="Spark master URL (`local[2]`, `spark://host:7077`)."
+    )
+    spark_shuffle_partitions: int = Field(
+        4, ge=1, le=10000, description="spark.sql.shuffle.partitions."
+    )
+    spark_driver_memory: str = Field(
+        "4g", pattern=r"^\d+[mg]$", description="Driver memory (local mode: all of Spark)."
+    )
+    store_path: str = Field(
+        "",
+        description="Parquet store of accumulated sales (any Hadoop path: file:, hdfs:, s3a:). "
+        "Empty means `<data_dir>/store`.",
+    )
+    checkpoint_path: str = Field(
+        "",
+        description="Checkpoint folder of the streaming query. Empty means "
+        "`<data_dir>/checkpoints`.",
+    )
+    trigger_seconds: float = Field(
+        5.0, gt=0, le=3600, description="Micro-batch interval of `recsys stream`, seconds."
+    )
+    max_offsets_per_trigger: int = Field(
+        200_000, ge=1, description="Most Kafka records one micro-batch reads."
+    )
+    # --- training -------------------------------------------------------------------------------
+    train_threshold: int = Field(
+        100_000,
+        ge=1,
+        description="New valid events accumulated since the last model that trigger training.",
+    )
+    train_max_wait_seconds: float = Field(
+        0,
+        ge=0,
+        description="Train anyway when this many seconds passed since the last model and "
+        "at least one new event arrived (0: off).",
+    )
+    split: Literal["time", "random"] = Field(
+        "time", description="Train/test split: chronological or seeded random."
+    )
+    split_cutoff: datetime | None = Field(
+        None,
+        description="ISO time: train before, test from it (time split). Unset: cut before the "
+        "latest `test_fraction` of events.",
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of events in the test split when no cutoff is set."
+    )
+    als_mode: Literal["implicit", "explicit"] = Field(
+        "implicit",
+        description="implicit: quantities are confidence; explicit: the quantity is a rating.",
+    )
+    als_rank: int = Field(64, ge=1, le=1000, description="ALS latent factors.")
+    als_max_iter: int = Field(15, ge=1, le=200, description="ALS iterations.")
+    als_reg_param: float = Field(0.1, ge=0, description="ALS regularization (lambda).")
+    als_alpha: float = Field(10.0, gt=0, description="ALS implicit confidence scale.")
+    confidence: Literal["log1p", "raw", "binary"] = Field(
+        "log1p", description="Interaction strength from net quantity."
+    )
+    seed: int = Field(42, description="Seed for ALS, random split and generators.")
+    top_n: int = Field(10, ge=1, le=1000, description="Recommendations per user.")
+    eval_k: int = Field(10, ge=1, le=1000, description="k of precision/recall/NDCG/MAP@k.")
+    filter_bought: bool = Field(
+        True, description="Leave products the user already bought out of recommendations."
+    )
+    models_path: str = Field(
+        "", description="Saved models. Empty means `<data_dir>/models`."
+    )
+    export_dir: Path = Field(
+        Path("exports"), description="Graph exports, one folder per model version."
+    )
+
+    @field_validator("spark_master")
+    @classmethod
+    def _master(cls, v: str) -> str:
+        if not (v.startswith(("local", "spark://", "yarn", "k8s://"))):
+            raise ValueError("must be local[N], spark://host:port, yarn or k8s://...")
+        return v
+
+    # --- derived paths ----------------------------------------------------------------------------
+    @property
+    def store(self) -> str:
+        return self.store_path or str((self.data_dir / "store").absolute())
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoint_path or str((self.data_dir / "checkpoints").absolute())
+
+    @property
+    def models(self) -> str:
+        return self.models_path or str((self.data_dir / "models").absolute())
+
+
+def _describe(err: dict[str, Any]) -> str:
+    field = str(err["loc"][0]) if err.get("loc") else "?"
+    var = ENV_PREFIX + field.upper()
+    value = err.get("input")
+    allowed = err.get("msg", "invalid")
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = f"allowed: {ctx['expected']}"
+    elif err.get("type") == "extra_forbidden":
+        return f"unknown setting {var}={value!r}: see `recsys config` for the allowed names"
+    return f"bad setting {var}={value!r}: {allowed}"
+
+
+def load(**overrides: Any) -> Settings:
+    """Settings from the environment, with non-None `overrides` (CLI flags) on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc.errors()[0])) from None
+
+
+def markdown_table() -> str:
+    """The configuration reference, as README shows it."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else str(default)
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)

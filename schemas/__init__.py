@@ -1,0 +1,1 @@
+"""Contracts shared by every process: Avro schemas, the topic list, the framing codec."""

@@ -1,0 +1,140 @@
+"""Avro single-object encoding (Avro specification, "Single object encoding").
+
+A framed value is `C3 01` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema
++ the Avro binary body. A reader looks the fingerprint up among the schemas it knows (the current
+`.avsc` files and every earlier version under `history/`), so it can tell a foreign or unknown
+schema from a good record, and resolves an older writer schema to the current one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint as _fingerprint
+from fastavro.schema import parse_schema, to_parsing_canonical_form
+
+MARKER = b"\xc3\x01"
+HEADER_LEN = 10
+SCHEMA_DIR = Path(__file__).resolve().parent
+
+
+class DecodeError(ValueError):
+    """The bytes are not a record this system can read; str() is the reason for the DLQ."""
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str  # record name without namespace, e.g. "Sale"
+    version: str  # "current" or the history file's stem, e.g. "v1"
+    parsed: dict[str, Any]
+    json: str  # the .avsc text, as Spark's from_avro wants it
+    fingerprint: bytes  # 8 bytes, little-endian, as on the wire
+
+    @property
+    def header(self) -> bytes:
+        return MARKER + self.fingerprint
+
+
+def _load(path: Path, version: str) -> Schema:
+    text = path.read_text()
+    parsed = parse_schema(json.loads(text), _write_hint=False)
+    canonical = to_parsing_canonical_form(parsed)
+    fp = bytes.fromhex(_fingerprint(canonical, "CRC-64-AVRO"))
+    name = parsed["name"].rsplit(".", 1)[-1]
+    return Schema(name, version, parsed, text, fp)
+
+
+@cache
+def schemas() -> dict[str, Schema]:
+    """Current schema of each record name."""
+    out = {}
+    for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+        s = _load(path, "current")
+        out[s.name] = s
+    return out
+
+
+@cache
+def history(name: str) -> list[Schema]:
+    """Earlier versions of one record, oldest first (`history/<Name>/vN.avsc`)."""
+    folder = SCHEMA_DIR / "history" / name
+    paths = sorted(folder.glob("v*.avsc"), key=lambda p: int(p.stem[1:]))
+    return [_load(p, p.stem) for p in paths]
+
+
+@cache
+def _by_fingerprint() -> dict[bytes, Schema]:
+    known: dict[bytes, Schema] = {}
+    for name, current in schemas().items():
+        for old in history(name):
+            known[old.fingerprint] = old
+        known[current.fingerprint] = current
+    return known
+
+
+def schema(name: str) -> Schema:
+    try:
+        return schemas()[name]
+    except KeyError:
+        raise ValueError(f"unknown schema {name!r}; known: {', '.join(schemas())}") from None
+
+
+def encode(name: str, record: dict[str, Any]) -> bytes:
+    """Frame `record` with the current schema `name`."""
+    s = schema(name)
+    buf = io.BytesIO()
+    buf.write(s.header)
+    fastavro.schemaless_writer(buf, s.parsed, record)
+    return buf.getvalue()
+
+
+class Encoder:
+    """A reusable writer for one schema: the hot path of the producer."""
+
+    def __init__(self, name: str) -> None:
+        self.schema = schema(name)
+        self._header = self.schema.header
+        self._parsed = self.schema.parsed
+
+    def __call__(self, record: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self._header)
+        fastavro.schemaless_writer(buf, self._parsed, record)
+        return buf.getvalue()
+
+
+def writer_of(data: bytes | None) -> Schema:
+    """The known schema that wrote `data`, or DecodeError saying why there is none."""
+    if data is None:
+        raise DecodeError("null value")
+    if len(data) < HEADER_LEN:
+        raise DecodeError(f"too short for single-object framing ({len(data)} bytes)")
+    if data[:2] != MARKER:
+        raise DecodeError(f"bad marker {data[:2].hex()} (want c301)")
+    fp = data[2:HEADER_LEN]
+    found = _by_fingerprint().get(fp)
+    if found is None:
+        raise DecodeError(f"unknown schema fingerprint {fp.hex()}")
+    return found
+
+
+def decode(data: bytes | None, expect: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(record name, record) read into the current schema; DecodeError on anything else."""
+    writer = writer_of(data)
+    if expect is not None and writer.name != expect:
+        raise DecodeError(f"schema {writer.name} where {expect} was expected")
+    reader = schemas()[writer.name]
+    assert data is not None
+    try:
+        record = fastavro.schemaless_reader(
+            io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed
+        )
+    except Exception as exc:  # fastavro raises several types on corrupt bodies
+        raise DecodeError(f"body does not decode as {writer.name}: {exc}") from None
+    return writer.name, record

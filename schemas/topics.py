@@ -1,0 +1,58 @@
+"""The topic list: every topic the system uses, declared once.
+
+Processes name topics only through these constants; `recsys topics create` creates exactly this
+list, idempotently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SALES = "sales"
+SALES_DLQ = "sales.dlq"
+MODEL_READY = "model-ready"
+RECOMMENDATIONS = "recommendations"
+GRAPH_EDGES = "graph-edges"
+FEEDBACK = "feedback"
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    value_schema: str | None  # Avro record name of the value, None while the topic has no schema
+    key: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+TOPICS: tuple[Topic, ...] = (
+    Topic(SALES, "Sale", "user_id", 2, {"cleanup.policy": "delete"}),
+    Topic(SALES_DLQ, "DeadLetter", "source", 1, {"cleanup.policy": "delete"}),
+    Topic(
+        MODEL_READY,
+        "ModelReady",
+        "model_version",
+        1,
+        {"cleanup.policy": "delete", "retention.ms": str(52 * WEEK_MS)},
+    ),
+    Topic(
+        RECOMMENDATIONS,
+        "Recommendation",
+        "user_id",
+        2,
+        {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+    ),
+    Topic(GRAPH_EDGES, "GraphEdge", "model_version:user_id:product_id", 2,
+          {"cleanup.policy": "delete"}),
+)
+
+BY_NAME = {t.name: t for t in TOPICS}
+
+
+def topic(name: str) -> Topic:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None

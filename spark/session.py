@@ -1,0 +1,45 @@
+"""The one SparkSession builder, used by every entry point and by the test fixture."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from recsys import paths
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build(settings: Settings, app_name: str = "recsys", ui: bool = False) -> SparkSession:
+    """A session with the project's jars on spark.jars (nothing is resolved at run time)."""
+    jars = paths.spark_jars()
+    if not jars:
+        raise FileNotFoundError(f"no Spark connector jars in {paths.SPARK_JARS}: run `make setup`")
+    # PySpark's launcher starts workers with PYSPARK_PYTHON; default it to this interpreter.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .master(settings.spark_master)
+        .config("spark.jars", ",".join(str(j) for j in jars))
+        .config("spark.driver.memory", settings.spark_driver_memory)
+        .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+        .config("spark.default.parallelism", str(settings.spark_shuffle_partitions))
+        .config("spark.ui.enabled", "true" if ui else "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.streaming.stopGracefullyOnShutdown", "true")
+        .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=warn")
+    )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setCheckpointDir(str(settings.data_dir.absolute() / "spark-checkpoints"))
+    log.info("spark %s on %s with %d jars", spark.version, settings.spark_master, len(jars))
+    return spark

@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = Field(
         "127.0.0.1:9092",
         description="Kafka bootstrap servers, comma-separated host:port.",
-        pattern=r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$",
     )
     topic_partitions: int = Field(
         2, ge=1, le=1024, description="Partitions for topics created by `recsys topics create`."
@@ -132,11 +131,20 @@ class Settings(BaseSettings):
         Path("exports"), description="Graph exports, one folder per model version."
     )
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for server in v.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("allowed: host:port[,host:port...] with a port in 1-65535")
+        return v
+
     @field_validator("spark_master")
     @classmethod
     def _master(cls, v: str) -> str:
         if not (v.startswith(("local", "spark://", "yarn", "k8s://"))):
-            raise ValueError("must be local[N], spark://host:port, yarn or k8s://...")
+            raise ValueError("allowed: local[N], spark://host:port, yarn or k8s://...")
         return v
 
     # --- derived paths ----------------------------------------------------------------------------
@@ -161,6 +169,8 @@ def _describe(err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     if "expected" in ctx:
         allowed = f"allowed: {ctx['expected']}"
+    elif err.get("type") == "value_error":
+        allowed = str(ctx.get("error", allowed))
     elif err.get("type") == "extra_forbidden":
         return f"unknown setting {var}={value!r}: see `recsys config` for the allowed names"
     return f"bad setting {var}={value!r}: {allowed}"

@@ -1,0 +1,184 @@
+"""`recsys demo` (what `make demo` runs): the whole product on the embedded default.
+
+Local broker, topics, every role this build has (Spark streaming job, Faust aggregator, Bokeh
+dashboard), then the bundled Online Retail file replayed into `sales`. With the streaming job the
+demo waits for the models the replay triggers and prints their metrics next to the popularity
+baseline and a few users' recommendations. With a dashboard it stays up until Ctrl-C; every process
+it started is stopped cleanly on the way out.
+
+The demo keeps its state in `<data_dir>/demo` and clears it at start, so every run tells the same
+story from an empty system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from recsys import supervisor
+from recsys.settings import Settings, load
+from schemas import codec
+from schemas.topics import MODEL_READY, RECOMMENDATIONS
+
+log = logging.getLogger(__name__)
+
+# Pace and threshold chosen so the ~407,000 valid events of the bundled file yield at least three
+# models within ten minutes on a 2-core machine.
+DEMO_THRESHOLD = 100_000
+DEMO_RATE = 4_000
+
+
+def _demo_settings(settings: Settings) -> Settings:
+    overrides: dict[str, Any] = {
+        "data_dir": settings.data_dir / "demo",
+        "export_dir": settings.data_dir / "demo" / "exports",
+        "kafka_bootstrap": settings.kafka_bootstrap,
+    }
+    if "RECSYS_TRAIN_THRESHOLD" not in os.environ:
+        overrides["train_threshold"] = DEMO_THRESHOLD
+    return load(**overrides)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        "RECSYS_DATA_DIR": str(settings.data_dir),
+        "RECSYS_EXPORT_DIR": str(settings.export_dir),
+        "RECSYS_TRAIN_THRESHOLD": str(settings.train_threshold),
+        "RECSYS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+    }
+
+
+def _read_all(settings: Settings, topic: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every record currently on `topic`, decoded (a throwaway group, nothing committed)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from recsys.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(settings, group=f"demo-{os.getpid()}-{time.time_ns()}"))
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=timeout)[1] for p in parts}
+        consumer.assign(parts)
+        out: list[dict[str, Any]] = []
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + 60
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            try:
+                out.append(codec.decode(msg.value())[1])
+            except codec.DecodeError:
+                pass
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                done.add(msg.partition())
+        return out
+    finally:
+        consumer.close()
+
+
+def _print_models(settings: Settings) -> None:
+    models = sorted(_read_all(settings, MODEL_READY), key=lambda m: m["model_version"])
+    if not models:
+        print("no model was trained")
+        return
+    k = settings.eval_k
+    print(f"\n{'version':>7} {'events':>8} {'users':>6} {'trigger':>9}  "
+          f"{'p@' + str(k):>14} {'ndcg@' + str(k):>14} {'rmse':>7} {'fit s':>6}")
+    for m in models:
+        met, base = m["metrics"], m["baseline_metrics"]
+        print(
+            f"{m['model_version']:>7} {m['events']:>8,} {m['users']:>6,} {m['trigger']:>9}  "
+            f"{met.get('precision_at_k', 0):.3f} ({base.get('precision_at_k', 0):.3f}) "
+            f"{met.get('ndcg_at_k', 0):.3f} ({base.get('ndcg_at_k', 0):.3f}) "
+            f"{met.get('rmse', float('nan')):7.3f} {m['train_seconds']:6.1f}"
+        )
+    print("(in brackets: the popularity baseline on the same split)")
+    latest = models[-1]["model_version"]
+    recs = [r for r in _read_all(settings, RECOMMENDATIONS) if r["model_version"] == latest]
+    print(f"\n{len(recs):,} users have recommendations from model {latest}; a few of them:")
+    for r in sorted(recs, key=lambda r: r["user_id"])[:3]:
+        items = ", ".join(i["product_id"] for i in r["items"][:5])
+        print(f"  user {r['user_id']}: {items} ...")
+
+
+def _wait_for_models(settings: Settings, expected: int, timeout: float) -> None:
+    """Until `expected` model versions are on model-ready, the job dies, or the timeout."""
+    stream = supervisor.service(settings, "stream")
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while time.monotonic() < deadline:
+        count = len(_read_all(settings, MODEL_READY))
+        if count != seen:
+            log.info("models published: %d of %d expected", count, expected)
+            seen = count
+        if count >= expected:
+            return
+        if stream.pid() is None:
+            log.error("the streaming job stopped; see %s", stream.log_file)
+            return
+        time.sleep(5)
+    log.warning("gave up waiting for models after %.0f s", timeout)
+
+
+def cli(settings: Settings, args: argparse.Namespace) -> int:
+    demo = _demo_settings(settings)
+    broker = supervisor.local_broker(demo)
+    if broker.is_ready():
+        print(f"recsys demo: a broker already answers on {demo.kafka_bootstrap}; "
+              "stop it first (`recsys broker stop` / `recsys down`)", file=sys.stderr)
+        return 2
+    shutil.rmtree(demo.data_dir, ignore_errors=True)
+    roles = [r for r in supervisor.ROLES if supervisor.role_available(r)]
+    stop = {"now": False}
+
+    def _on_signal(signum, frame):  # first Ctrl-C: clean stop; the finally block does the work
+        stop["now"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        print(f"recsys demo: broker on {demo.kafka_bootstrap}, state in {demo.data_dir}")
+        broker.start()
+        from recsys.topics import create_topics
+
+        create_topics(demo)
+        for role in roles:
+            supervisor.start_role(demo, role, extra_env=_env(demo))
+        cmd = [sys.executable, "-m", "recsys.cli", "produce"]
+        if "stream" in roles:
+            cmd += ["--rate", str(DEMO_RATE)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        print("recsys demo: replaying the bundled Online Retail data into `sales`")
+        produced = subprocess.run(cmd, env={**os.environ, **_env(demo)})
+        if produced.returncode != 0:
+            print("recsys demo: the replay failed", file=sys.stderr)
+            return produced.returncode
+        if "stream" in roles:
+            expected = 406_829 // demo.train_threshold if not args.limit else 1
+            _wait_for_models(demo, max(expected, 1), timeout=900)
+            _print_models(demo)
+        if "dashboard" in roles:
+            print(f"\nrecsys demo: dashboard at http://{demo.dashboard_host}:{demo.dashboard_port}/ "
+                  "— Ctrl-C stops everything")
+            while True:
+                time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        print("\nrecsys demo: stopping")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up
+        for role in reversed(roles):
+            supervisor.stop_role(demo, role)
+        broker.stop()
+        print("recsys demo: everything stopped")

@@ -1,0 +1,99 @@
+"""Fixtures shared by every tier: a factory of REAL Kafka brokers and a lazy Spark session.
+
+Nothing starts at import or collection; a service starts only when a test asks for its fixture,
+so `pytest -m unit` runs without a broker. A broker that cannot start FAILS the tests that need
+it (never a skip): a silently skipped integration suite looks green and proves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys import settings as settings_mod
+from recsys.broker import BrokerError, LocalBroker, free_port
+
+log = logging.getLogger(__name__)
+
+BROKER_START_TIMEOUT = 120.0  # generous: the machine is shared, a cold JVM can be slow
+
+
+class BrokerFactory:
+    """Starts brokers on free ports in the session's temporary folder; kills any left at the end.
+
+    Fault tests take their own broker (`broker_factory.start()`) and stop, kill or restart it
+    freely; tests that only produce and consume share the session's `broker`.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.brokers: list[LocalBroker] = []
+
+    def start(self, heap_mb: int = 512, timeout: float = BROKER_START_TIMEOUT) -> LocalBroker:
+        for attempt in range(3):  # a free port can be taken between choosing and binding it
+            port = free_port()
+            data_dir = self.base / f"broker-{len(self.brokers)}-{port}"
+            broker = LocalBroker(data_dir, port, heap_mb=heap_mb, die_with_parent=True)
+            self.brokers.append(broker)
+            try:
+                return broker.start(timeout=timeout)
+            except BrokerError as exc:
+                if "in use" not in str(exc) or attempt == 2:
+                    pytest.fail(f"the Kafka broker did not start: {exc}", pytrace=False)
+                log.warning("port clash, retrying on another port: %s", exc)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for broker in self.brokers:
+            try:
+                broker.kill()
+            except BrokerError as exc:  # keep killing the others
+                log.error("could not kill %r: %s", broker, exc)
+
+
+@pytest.fixture(scope="session")
+def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerFactory]:
+    factory = BrokerFactory(tmp_path_factory.mktemp("kafka"))
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def broker(broker_factory: BrokerFactory, tmp_path_factory: pytest.TempPathFactory) -> LocalBroker:
+    """One broker for the session, with every declared topic created."""
+    from recsys.topics import create_topics
+
+    started = broker_factory.start()
+    create_topics(
+        settings_mod.load(
+            kafka_bootstrap=started.bootstrap, data_dir=tmp_path_factory.mktemp("topics")
+        )
+    )
+    return started
+
+
+@pytest.fixture
+def settings(broker: LocalBroker, tmp_path: Path) -> settings_mod.Settings:
+    """Settings pointing at the session broker, with state in this test's folder."""
+    return settings_mod.load(kafka_bootstrap=broker.bootstrap, data_dir=tmp_path)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short suffix for topic and group names, so tests sharing a broker never meet."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory):
+    """A local[2] SparkSession for the whole session, started by the first test that asks."""
+    from spark import session
+
+    conf = settings_mod.load(data_dir=tmp_path_factory.mktemp("spark"), spark_shuffle_partitions=2)
+    spark_session = session.build(conf, app_name="recsys-tests")
+    yield spark_session
+    spark_session.stop()

@@ -141,7 +141,7 @@ def up(settings: Settings, roles: list[str] | None = None) -> list[str]:
     from recsys.topics import create_topics
 
     broker = local_broker(settings)
-    if not broker.is_ready():
+    if not broker.is_running():
         broker.start()
     create_topics(settings)
     started = []

@@ -50,6 +50,15 @@ GOOD = {
     "filter_bought": ("false", False),
     "models_path": ("/models", "/models"),
     "export_dir": ("/tmp/exports", Path("/tmp/exports")),
+    "aggregate_web_host": ("0.0.0.0", "0.0.0.0"),
+    "aggregate_web_port": ("7000", 7000),
+    "aggregate_keep_models": ("3", 3),
+    "feedback_horizon_seconds": ("600", 600),
+    "feedback_interval_seconds": ("2.5", 2.5),
+    "feedback_retrain_share": ("0.5", 0.5),
+    "dashboard_host": ("0.0.0.0", "0.0.0.0"),
+    "dashboard_port": ("5106", 5106),
+    "dashboard_allow_websocket_origin": ("a.example:5006,b.example:80", ["a.example:5006", "b.example:80"]),
 }
 
 # One bad value per setting that has a constraint: (env value, words the error must contain).
@@ -69,6 +78,9 @@ BAD = {
     "als_rank": ("zero", "integer"),
     "confidence": ("sqrt", "'log1p', 'raw' or 'binary'"),
     "filter_bought": ("maybe", "boolean"),
+    "aggregate_web_port": ("70000", "less than or equal to 65535"),
+    "feedback_retrain_share": ("2", "less than or equal to 1"),
+    "dashboard_port": ("http", "integer"),
 }
 
 

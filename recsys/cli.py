@@ -87,8 +87,46 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--events", type=int, default=100_000, help="synthetic: events (default %(default)s)")
     pr.add_argument("--seed", type=int, default=None, help="synthetic: seed (default RECSYS_SEED)")
     pr.add_argument("--topic", default="sales", help=argparse.SUPPRESS)
+    pr.add_argument("--dlq-topic", default="sales.dlq", help=argparse.SUPPRESS)
+    pr.add_argument("--topic-prefix", help=argparse.SUPPRESS)  # tests: `<prefix>sales`, ...
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(handler="streams.producer:cli")
+
+    st = sub.add_parser(
+        "stream",
+        help="Spark: ingest `sales` into the Parquet store; retrain and publish at the threshold",
+        description="A long-running Spark Structured Streaming query on `sales` (checkpointed "
+        "under RECSYS_CHECKPOINT_PATH). Valid events are appended to the store (RECSYS_STORE_PATH), "
+        "deduplicated by event_id; bad records go to `sales.dlq` with the reason. When the new "
+        "events since the last model reach the threshold, a model is trained on ALL stored events "
+        "and published: `recommendations` (one per user), then `model-ready`. SIGTERM or Ctrl-C "
+        "stops after the batch in progress; a restart resumes from the checkpoint.",
+    )
+    st.add_argument("--threshold", type=int,
+                    help="new events that trigger training (RECSYS_TRAIN_THRESHOLD)")
+    st.add_argument("--max-wait", type=float,
+                    help="also train when this many seconds passed since the last model and at "
+                    "least one new event arrived; 0 is off (RECSYS_TRAIN_MAX_WAIT_SECONDS)")
+    st.add_argument("--trigger-seconds", type=float,
+                    help="micro-batch interval (RECSYS_TRIGGER_SECONDS)")
+    st.add_argument("--max-offsets", type=int,
+                    help="most records per micro-batch (RECSYS_MAX_OFFSETS_PER_TRIGGER)")
+    st.add_argument("--once", action="store_true",
+                    help="read what is on the topic now (training at the threshold), then exit")
+    st.add_argument("--topic-prefix", help=argparse.SUPPRESS)
+    st.set_defaults(handler="spark.job:stream_cli")
+
+    tr = sub.add_parser(
+        "train",
+        help="Spark: train one model now (on the store, or on a CSV with --file) and publish it",
+        description="Trains on every event in the store that `recsys stream` fills (trigger "
+        "'manual'), or on a purchases CSV read with the same column mapping as `recsys produce` "
+        "(trigger 'file'), and publishes `recommendations` then `model-ready` like the stream.",
+    )
+    tr.add_argument("--file", help="purchases CSV, plain or .gz, instead of the store")
+    _mapping_flags(tr)
+    tr.add_argument("--topic-prefix", help=argparse.SUPPRESS)
+    tr.set_defaults(handler="spark.job:train_cli")
 
     c = sub.add_parser("consume", help="print a topic's records as JSON lines, decoded")
     c.add_argument("topic", help="sales, sales.dlq, model-ready, recommendations, graph-edges, ...")
@@ -97,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, help="stop after S seconds without a record")
     c.set_defaults(handler="streams.consume:cli")
 
+    db = sub.add_parser(
+        "dashboard",
+        help="serve the live Bokeh dashboard (http://127.0.0.1:5006 by default)",
+        description="A Bokeh server reading model-ready, recommendations, graph-edges, feedback, "
+        "sales and sales.dlq from the beginning, so a new page shows the current state at once.",
+    )
+    db.add_argument("--host", help="listen address (RECSYS_DASHBOARD_HOST)")
+    db.add_argument("--port", type=int, help="listen port (RECSYS_DASHBOARD_PORT)")
+    db.add_argument("--allow-websocket-origin", dest="allow_websocket_origin",
+                    help="comma-separated host[:port] origins (RECSYS_DASHBOARD_ALLOW_WEBSOCKET_ORIGIN)")
+    db.add_argument("--show", action="store_true", help="open a browser tab")
+    db.set_defaults(handler="visualizer.server:cli")
+
+    ag = sub.add_parser(
+        "aggregate",
+        help="Faust: live tables, the feedback loop and a read API over the result topics",
+        description="One Faust worker reading sales, sales.dlq, model-ready and recommendations "
+        "into tables (recovered from changelog topics after a restart), publishing `feedback` "
+        "(online hit-rate and precision@k per model version) and serving JSON at "
+        "/recommendations/{user_id}, /stats and /ready. SIGTERM or Ctrl-C commits and stops.",
+    )
+    ag.add_argument("--web-host", help="API listen address (RECSYS_AGGREGATE_WEB_HOST)")
+    ag.add_argument("--web-port", type=int, help="API port (RECSYS_AGGREGATE_WEB_PORT)")
+    ag.add_argument("--topic-prefix", help=argparse.SUPPRESS)  # tests: `<prefix>sales`, ...
+    ag.set_defaults(handler="streams.app:cli")
+
     cfg = sub.add_parser("config", help="show the effective settings (or the reference table)")
     cfg.add_argument("--markdown", action="store_true", help="print README's reference table")
     cfg.set_defaults(handler="recsys.cli:config_cli")
@@ -104,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default, start to finish")
     d.add_argument("--limit", type=int, help="replay only the first N rows")
     d.set_defaults(handler="recsys.demo:cli")
+
+    for name, text in (
+        ("up", "start the broker and every role in the background (logs under var/log/)"),
+        ("down", "stop every role `recsys up` started, then the broker"),
+        ("status", "show which parts of the local stack run"),
+    ):
+        sub.add_parser(name, help=text).set_defaults(handler="recsys.supervisor:cli")
 
     return p
 

@@ -46,6 +46,7 @@ TOPICS: tuple[Topic, ...] = (
     ),
     Topic(GRAPH_EDGES, "GraphEdge", "model_version:user_id:product_id", 2,
           {"cleanup.policy": "delete"}),
+    Topic(FEEDBACK, "Feedback", "model_version", 1, {"cleanup.policy": "delete"}),
 )
 
 BY_NAME = {t.name: t for t in TOPICS}

@@ -1,0 +1,513 @@
+"""The aggregator's tables (Faust tables with changelog topics) and the views derived from them.
+
+Only the tables are state; every count the API shows is *derived* from them, in memory, and
+rebuilt from them after a restart (`State.rebuild`, run when Faust finishes recovering the
+tables from their changelogs). So a replay (at-least-once: a worker killed after its changelog
+writes but before its offset commit reads those events again) can never double count: each table
+update is set-based and keyed by the event's deterministic id, and counts are recomputed from the
+deltas of those updates.
+
+    recs            user_id -> latest list (model_version, generated_at, items); replaced only by
+                    a newer (model_version, generated_at)
+    model_recs      "model_version:user_id" -> list, for the last `aggregate_keep_models`
+                    versions: per-version degrees, and the list a sale is judged against
+    models          model_version -> ModelReady summary (offline metrics)
+    sales_batches   one record per agent batch: the batch's new sales, each with its event_id,
+                    arrival time, partition and feedback match. Kept while inside the feedback
+                    window: the event ids in it are the dedupe set, bounded by the window
+    product_totals  product_id -> sales folded in when their minute left the window, with `upto`
+                    (per sales partition, the newest minute folded in), so folding again is a
+                    no-op
+    sales_rollup    "total/<partition>" -> totals and per-minute counts folded in, with `upto`
+    dead_letters    "topic/partition" -> counts by reason, with the last offset applied
+
+Folding a minute out of the window writes product_totals, flushes, writes sales_rollup,
+flushes, and only then deletes the sales_batches records they absorbed: a crash at any point
+leaves either records whose `upto` says they are already counted, or sales still there (or read
+again) to fold again. tests/unit/test_agents.py kills a worker at every point to check it.
+
+Partitions: each table has as many changelog partitions as its source topic. Writes go to the
+partition of the key's hash (`KeyedTable`), so a key always lives in one partition and
+compaction keeps its latest value. One worker holds every partition; running several workers
+would need the producers to co-partition `sales` and `recommendations` (same partitioner), which
+librdkafka (sales) and Spark (recommendations) do not do by default.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from schemas import topics as T
+from streams.feedback import BUCKET_MS, FeedbackWindow, Listing, bucket_of, window_bounds
+
+# A sale as kept in sales_batches (a JSON list, small on the changelog).
+E_ID, E_TS, E_USER, E_PRODUCT, E_QTY, E_MV, E_HIT, E_PART = range(8)
+MAX_MINUTES = 180  # per-minute counts kept after they leave the window
+MAX_REASONS = 50  # distinct dead-letter labels per partition; the rest count as "other"
+
+
+@dataclass(frozen=True)
+class Tables:
+    recs: Any
+    model_recs: Any
+    models: Any
+    sales_batches: Any
+    product_totals: Any
+    sales_rollup: Any
+    dead_letters: Any
+
+
+class KeyedTable(faust.Table):
+    """A table whose changelog partition is a stable hash of the key, not the partition of the
+    event being processed: a key then always lives in one partition (compaction keeps its last
+    value), any agent or timer may write it, and no producer metadata is needed (Faust's own
+    `use_partitioner` asks the producer, which does not know a changelog topic created at
+    start)."""
+
+    def partition_for_key(self, key: Any) -> int:
+        return zlib.crc32(str(key).encode()) % (self.partitions or 1)
+
+
+def declare(app: Any, partitions: Mapping[str, int]) -> Tables:
+    """The tables, each with the partitions of the topic that feeds it."""
+
+    def table(name: str, source: str, help: str) -> Any:
+        return app.tables.add(KeyedTable(
+            app, name=name, default=None, partitions=partitions[source], help=help,
+            beacon=app.tables.beacon,
+        ))
+
+    return Tables(
+        recs=table("recs", T.RECOMMENDATIONS, "latest list per user"),
+        model_recs=table("model-recs", T.RECOMMENDATIONS, "list per model version and user"),
+        models=table("models", T.MODEL_READY, "model-ready summary per version"),
+        sales_batches=table("sales-batches", T.SALES, "sales inside the feedback window"),
+        product_totals=table("product-totals", T.SALES, "sales per product folded in"),
+        sales_rollup=table("sales-rollup", T.SALES, "totals folded in"),
+        dead_letters=table("dead-letters", T.SALES_DLQ, "dead letters by reason"),
+    )
+
+
+# --- recommendations --------------------------------------------------------------------------
+
+
+@dataclass
+class VersionStats:
+    users: int = 0
+    k: int = 0
+    degree: Counter[str] = field(default_factory=Counter)  # product -> users it is shown to
+
+
+class RecommendationState:
+    """Per-user lists of the kept versions, and per-version degrees, from `model_recs`."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, dict[int, Listing]] = {}
+        self.versions: dict[int, VersionStats] = {}
+
+    def listings(self, user_id: str) -> Iterable[Listing]:
+        return self.by_user.get(user_id, {}).values()
+
+    def put(self, user_id: str, listing: Listing) -> bool:
+        """Set one user's list of one version; False when it was already exactly that."""
+        mv = listing.model_version
+        lists = self.by_user.setdefault(user_id, {})
+        old = lists.get(mv)
+        if old == listing:
+            return False
+        stats = self.versions.setdefault(mv, VersionStats())
+        if old is None:
+            stats.users += 1
+        else:
+            for p in old.items:
+                n = stats.degree[p] - 1
+                if n:
+                    stats.degree[p] = n
+                else:
+                    del stats.degree[p]
+        stats.degree.update(listing.items)
+        stats.k = max(stats.k, len(listing.items))
+        lists[mv] = listing
+        return True
+
+    def drop_version(self, mv: int) -> list[str]:
+        """Forget a version; the users whose list of it must leave `model_recs`."""
+        users = [u for u, lists in self.by_user.items() if mv in lists]
+        for u in users:
+            del self.by_user[u][mv]
+            if not self.by_user[u]:
+                del self.by_user[u]
+        self.versions.pop(mv, None)
+        return users
+
+    def rebuild(self, model_recs: Iterable[tuple[str, Any]]) -> None:
+        self.__init__()
+        for key, value in model_recs:
+            if value is None:
+                continue
+            mv, _, user = key.partition(":")
+            self.put(user, Listing(int(mv), int(value["g"]), tuple(value["items"])))
+
+    def degree_histogram(self, mv: int) -> list[list[int]]:
+        """[[degree, products with that degree], ...]: how many users each product reaches."""
+        stats = self.versions.get(mv)
+        if stats is None:
+            return []
+        return [[d, n] for d, n in sorted(Counter(stats.degree.values()).items())]
+
+    def top_recommended(self, mv: int, n: int) -> list[dict[str, Any]]:
+        stats = self.versions.get(mv)
+        if stats is None:
+            return []
+        return [{"product_id": p, "users": c} for p, c in stats.degree.most_common(n)]
+
+
+# --- sales ------------------------------------------------------------------------------------
+
+
+def _empty_rollup() -> dict[str, Any]:
+    return {"upto": -1, "clock_ms": 0, "events": 0, "sales": 0, "returns": 0, "quantity": 0,
+            "minutes": []}
+
+
+def rollup_key(partition: int) -> str:
+    return f"total/{partition}"
+
+
+class Lane:
+    """One partition of `sales`: its clock, its minutes inside the window, its folded totals."""
+
+    def __init__(self) -> None:
+        self.rollup: dict[str, Any] = _empty_rollup()
+        self.upto = -1  # newest minute folded; older arrivals on this partition are replays
+        self.clock_ms = 0  # newest arrival read by THIS worker (from the last fold's on restart)
+        self.buckets: dict[int, list[list[Any]]] = {}
+
+
+@dataclass
+class ClosePlan:
+    """What folding the minutes that left the window writes, in this order."""
+
+    buckets: dict[int, list[int]]  # partition -> minutes folded
+    products: dict[str, dict[str, Any]]  # product_totals records
+    rollups: dict[int, dict[str, Any]]  # partition -> its sales_rollup record
+    delete: list[str]  # sales_batches keys fully absorbed
+
+
+class SalesState:
+    """Sales counted once per event_id, from sales_batches + product_totals + sales_rollup.
+
+    Time is the sales' arrival (Kafka timestamps), never the wall clock, so the same topic
+    content always gives the same windows and folds, however fast it is read. Each partition of
+    `sales` keeps its own clock and folds its own minutes: partitions are read at different
+    speeds (a backlog is fetched partition by partition), and only within one partition do
+    offsets follow arrival. A partition's clock counts only what this worker has read (after a
+    restart it starts from the last fold's): a crash can leave recovered batches that hold later
+    sales than some lost ones, and the lost ones are read again, in offset order, before the
+    clock passes them, so their minute is still open when they come back.
+    """
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self.reset()
+
+    def reset(self) -> None:
+        self.lanes: dict[int, Lane] = {}
+        self.stream_ms = 0  # newest arrival known, recovered sales included
+        self.index: dict[str, int] = {}  # event_id -> partition, for the sales not folded
+        self.batches: dict[str, dict[int, int]] = {}  # key -> partition -> newest minute in it
+        self.absorbed: dict[str, list[int]] = {}  # product -> [sales, returns, quantity] folded
+        self.product_upto: dict[str, dict[int, int]] = {}  # product -> partition -> minute
+        self.products: dict[str, list[int]] = {}  # all time: folded + not folded yet
+        self.open = [0, 0, 0, 0]  # events, sales, returns, quantity not folded yet
+        self.minutes: Counter[int] = Counter()  # not folded yet, all partitions
+        self.window = FeedbackWindow()
+
+    def lane(self, partition: int) -> Lane:
+        lane = self.lanes.get(partition)
+        if lane is None:
+            lane = self.lanes[partition] = Lane()
+        return lane
+
+    # --- reads ---------------------------------------------------------------------------------
+    def is_late(self, partition: int, ts_ms: int) -> bool:
+        """Arrived in a minute its partition has folded: a replay of a counted sale."""
+        lane = self.lanes.get(partition)
+        return lane is not None and bucket_of(ts_ms) <= lane.upto
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self.index
+
+    def window_bounds(self) -> tuple[int, int]:
+        """[start, end) of the sales not folded yet: start by the slowest partition's clock."""
+        end = window_bounds(self.stream_ms, self.horizon)[1]
+        clocks = [lane.clock_ms for lane in self.lanes.values() if lane.clock_ms]
+        start = window_bounds(min(clocks), self.horizon)[0] if clocks else end - self.horizon
+        return start, end
+
+    def observe(self, partition: int, ts_ms: int) -> None:
+        """A sale read by this worker, counted or not (a duplicate still moves time on)."""
+        lane = self.lane(partition)
+        if ts_ms > lane.clock_ms:
+            lane.clock_ms = ts_ms
+        if ts_ms > self.stream_ms:
+            self.stream_ms = ts_ms
+
+    def totals(self) -> dict[str, int]:
+        out = dict(zip(("events", "sales", "returns", "quantity"), self.open, strict=True))
+        for lane in self.lanes.values():
+            for k in ("events", "sales", "returns", "quantity"):
+                out[k] += lane.rollup[k]
+        out["distinct_products"] = len(self.products)
+        out["in_window"] = len(self.index)
+        return out
+
+    def per_minute(self) -> list[list[int]]:
+        """[[minute_start_ms, events], ...], oldest first, at most MAX_MINUTES."""
+        merged: Counter[int] = Counter()
+        for lane in self.lanes.values():
+            for m, n in lane.rollup["minutes"]:
+                merged[m] += n
+        merged.update(self.minutes)
+        return [[b, merged[b]] for b in sorted(merged)[-MAX_MINUTES:]]
+
+    def top_products(self, n: int) -> list[dict[str, Any]]:
+        top = sorted(self.products.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+        return [{"product_id": p, "sales": s, "returns": r, "quantity": q}
+                for p, (s, r, q) in top]
+
+    # --- writes --------------------------------------------------------------------------------
+    def _folded_for_product(self, e: list[Any], b: int) -> bool:
+        """A product record may have folded this minute already (a crash between writing
+        product_totals and sales_rollup): then the sale is in the product's total."""
+        return b <= self.product_upto.get(e[E_PRODUCT], {}).get(e[E_PART], -1)
+
+    def _add_entry(self, e: list[Any], b: int) -> None:
+        self.index[e[E_ID]] = e[E_PART]
+        self.lane(e[E_PART]).buckets.setdefault(b, []).append(e)
+        self.minutes[b] += 1
+        qty = e[E_QTY]
+        delta = (1, 0, qty) if qty > 0 else (0, 1, qty)
+        self.open[0] += 1
+        self.open[1] += delta[0]
+        self.open[2] += delta[1]
+        self.open[3] += qty
+        if not self._folded_for_product(e, b):
+            totals = self.products.setdefault(e[E_PRODUCT], [0, 0, 0])
+            for i in range(3):
+                totals[i] += delta[i]
+        self.window.add(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]))
+        if e[E_TS] > self.stream_ms:
+            self.stream_ms = e[E_TS]
+
+    def add(self, key: str, entries: list[list[Any]]) -> None:
+        """A batch the agent has just written to sales_batches under `key`."""
+        newest: dict[int, int] = {}
+        for e in entries:
+            b = bucket_of(e[E_TS])
+            p = e[E_PART]
+            newest[p] = max(newest.get(p, -1), b)
+            self.observe(p, e[E_TS])
+            self._add_entry(e, b)
+        self.batches[key] = newest
+
+    def close_plan(self) -> ClosePlan | None:
+        """The minutes that left each partition's window, folded: None when none has."""
+        closing: dict[int, list[int]] = {}
+        for p, lane in self.lanes.items():
+            start = window_bounds(lane.clock_ms, self.horizon)[0]
+            minutes = sorted(b for b in lane.buckets if b < start)
+            if minutes:
+                closing[p] = minutes
+        if not closing:
+            return None
+        deltas: dict[str, list[int]] = {}
+        rollups: dict[int, dict[str, Any]] = {}
+        for p, minutes in closing.items():
+            lane = self.lanes[p]
+            roll = dict(lane.rollup)
+            per_minute = dict(roll["minutes"])
+            for b in minutes:
+                entries = lane.buckets[b]
+                per_minute[b] = per_minute.get(b, 0) + len(entries)
+                for e in entries:
+                    qty = e[E_QTY]
+                    d = (1, 0, qty) if qty > 0 else (0, 1, qty)
+                    roll["events"] += 1
+                    roll["sales"] += d[0]
+                    roll["returns"] += d[1]
+                    roll["quantity"] += qty
+                    if not self._folded_for_product(e, b):
+                        acc = deltas.setdefault(e[E_PRODUCT], [0, 0, 0])
+                        for i in range(3):
+                            acc[i] += d[i]
+            roll["upto"] = minutes[-1]
+            roll["clock_ms"] = lane.clock_ms
+            roll["minutes"] = [[m, per_minute[m]] for m in sorted(per_minute)[-MAX_MINUTES:]]
+            rollups[p] = roll
+        products = {}
+        for product, d in deltas.items():
+            s, r, q = self.absorbed.get(product, (0, 0, 0))
+            upto = dict(self.product_upto.get(product, {}))
+            for p, roll in rollups.items():
+                upto[p] = max(upto.get(p, -1), roll["upto"])
+            products[product] = {"upto": {str(p): m for p, m in upto.items()},
+                                 "sales": s + d[0], "returns": r + d[1], "quantity": q + d[2]}
+        folded = {p: lane.upto for p, lane in self.lanes.items()}
+        folded.update({p: roll["upto"] for p, roll in rollups.items()})
+        delete = [k for k, newest in self.batches.items()
+                  if all(m <= folded.get(p, -1) for p, m in newest.items())]
+        return ClosePlan(closing, products, rollups, delete)
+
+    def apply_close(self, plan: ClosePlan) -> None:
+        for p, minutes in plan.buckets.items():
+            lane = self.lanes[p]
+            for b in minutes:
+                entries = lane.buckets.pop(b)
+                self.minutes[b] -= len(entries)
+                if self.minutes[b] <= 0:
+                    del self.minutes[b]
+                for e in entries:
+                    self.index.pop(e[E_ID], None)
+                    qty = e[E_QTY]
+                    self.open[0] -= 1
+                    self.open[1] -= 1 if qty > 0 else 0
+                    self.open[2] -= 0 if qty > 0 else 1
+                    self.open[3] -= qty
+                    self.window.remove(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]))
+        for product, rec in plan.products.items():
+            self._absorb(product, rec)
+        for p, roll in plan.rollups.items():
+            lane = self.lanes[p]
+            lane.rollup, lane.upto = roll, roll["upto"]
+        for k in plan.delete:
+            self.batches.pop(k, None)
+
+    def _absorb(self, product: str, rec: Mapping[str, Any]) -> None:
+        self.absorbed[product] = [rec["sales"], rec["returns"], rec["quantity"]]
+        self.product_upto[product] = {int(p): m for p, m in rec["upto"].items()}
+
+    def rebuild(
+        self,
+        batches: Iterable[tuple[str, Any]],
+        product_totals: Iterable[tuple[str, Any]],
+        rollups: Iterable[tuple[str, Any]],
+    ) -> None:
+        self.reset()
+        for key, rec in rollups:
+            if rec is None:
+                continue
+            lane = self.lane(int(key.rsplit("/", 1)[1]))
+            lane.rollup = {**_empty_rollup(), **rec}
+            lane.upto = lane.rollup["upto"]
+            lane.clock_ms = lane.rollup["clock_ms"]
+            self.stream_ms = max(self.stream_ms, lane.clock_ms)
+        for product, rec in product_totals:
+            if rec is None:
+                continue
+            self._absorb(product, rec)
+            self.products[product] = list(self.absorbed[product])
+        for key, value in sorted(batches, key=lambda kv: str(kv[0])):
+            if value is None:
+                continue
+            newest: dict[int, int] = {}
+            for e in value["e"]:
+                b, p = bucket_of(e[E_TS]), e[E_PART]
+                newest[p] = max(newest.get(p, -1), b)
+                self.stream_ms = max(self.stream_ms, e[E_TS])
+                lane = self.lanes.get(p)
+                if (lane is not None and b <= lane.upto) or e[E_ID] in self.index:
+                    continue  # folded already, or (never written twice, but cheap) a repeat
+                self._add_entry(e, b)
+            self.batches[key] = newest
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+
+def reason_label(stage: str, reason: str) -> str:
+    """Low-cardinality label: the stage and the reason's text before the first ':'."""
+    head = reason.split(":", 1)[0].strip()[:80] or "unknown"
+    return f"{stage}: {head}" if stage else head
+
+
+class DeadLetterState:
+    """Counts per `topic/partition` of sales.dlq, each with the last offset applied."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[str, dict[str, Any]] = {}
+
+    def record(self, key: str) -> dict[str, Any]:
+        """A copy of one partition's record to update (the table gets the whole new value)."""
+        rec = self.partitions.get(key) or {"offset": -1, "total": 0, "reasons": {}, "stages": {}}
+        return {"offset": rec["offset"], "total": rec["total"], "reasons": dict(rec["reasons"]),
+                "stages": dict(rec["stages"])}
+
+    @staticmethod
+    def count(rec: dict[str, Any], offset: int, stage: str, reason: str) -> bool:
+        """Count one dead letter into `rec` unless its offset was applied; True when counted."""
+        if offset <= rec["offset"]:
+            return False
+        label = reason_label(stage, reason)
+        if label not in rec["reasons"] and len(rec["reasons"]) >= MAX_REASONS:
+            label = "other"
+        rec["reasons"][label] = rec["reasons"].get(label, 0) + 1
+        rec["stages"][stage] = rec["stages"].get(stage, 0) + 1
+        rec["total"] += 1
+        rec["offset"] = offset
+        return True
+
+    def rebuild(self, items: Iterable[tuple[str, Any]]) -> None:
+        self.partitions = {k: v for k, v in items if v is not None}
+
+    def totals(self) -> dict[str, Any]:
+        reasons: Counter[str] = Counter()
+        stages: Counter[str] = Counter()
+        for rec in self.partitions.values():
+            reasons.update(rec["reasons"])
+            stages.update(rec["stages"])
+        return {"total": sum(r["total"] for r in self.partitions.values()),
+                "by_reason": dict(reasons.most_common()), "by_stage": dict(stages.most_common())}
+
+
+# --- everything the agents and views share ------------------------------------------------------
+
+
+class State:
+    """The derived views plus the worker's own counters (those restart at zero)."""
+
+    def __init__(self, horizon: int, keep_models: int) -> None:
+        self.keep_models = keep_models
+        self.recs = RecommendationState()
+        self.sales = SalesState(horizon)
+        self.dead_letters = DeadLetterState()
+        self.models: dict[int, dict[str, Any]] = {}
+        self.latest_users = 0  # users with a list (size of `recs`)
+        self.recovered = False
+        self.feedback: dict[int, dict[str, Any]] = {}  # last published per version
+        self.counters: Counter[str] = Counter()
+
+    @property
+    def latest_model(self) -> int | None:
+        return max(self.models) if self.models else None
+
+    def rebuild(self, tables: Tables) -> None:
+        self.models = {int(k): v for k, v in tables.models.items() if v is not None}
+        self.recs.rebuild(tables.model_recs.items())
+        self.latest_users = sum(1 for v in tables.recs.values() if v is not None)
+        self.sales.rebuild(
+            tables.sales_batches.items(),
+            tables.product_totals.items(),
+            tables.sales_rollup.items(),
+        )
+        self.dead_letters.rebuild(tables.dead_letters.items())
+        self.recovered = True
+
+
+__all__ = ["BUCKET_MS", "ClosePlan", "State", "Tables", "declare"]

@@ -1,0 +1,335 @@
+"""The agents' logic on hand-built streams with known hits: through Faust's test_context (the real
+agents, no broker: the tables' changelog writes are recorded instead of produced), and through
+`Aggregation` directly with a changelog model that loses unflushed writes, to show a worker
+killed at any point and replayed counts every sale exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from recsys import settings as settings_mod
+from streams import views
+from streams.agents import Aggregation, Topics
+from streams.faust_codec import Undecodable
+from streams.feedback import BUCKET_MS, Listing, horizon_ms, recompute
+from streams.tables import State, Tables
+
+pytestmark = pytest.mark.unit
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % BUCKET_MS
+HORIZON_S = 120
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return settings_mod.load(kafka_bootstrap="127.0.0.1:1", data_dir=tmp_path,
+                             feedback_horizon_seconds=HORIZON_S, aggregate_keep_models=2)
+
+
+# --- hand-built inputs ------------------------------------------------------------------------
+
+
+def rec_event(user: str, mv: int, items: list[str], generated_at: int = T0) -> dict[str, Any]:
+    return {"id": f"{mv}:{user}", "user_id": user, "model_version": mv,
+            "generated_at": generated_at,
+            "items": [{"product_id": p, "score": 1.0 / r, "rank": r} for r, p in enumerate(items, 1)]}
+
+
+def sale(i: int, user: str, product: str, qty: int = 1) -> dict[str, Any]:
+    return {"event_id": f"e{i}", "user_id": user, "product_id": product, "quantity": qty,
+            "event_time": 1293840000000}
+
+
+LISTS = {"u1": ["a", "b"], "u2": ["c", "d"]}
+# (arrival minute after T0, user, product, quantity): 2 users with lists, 1 without.
+SALES = [(0, "u1", "a", 1), (0, "u1", "a", 2), (0, "u1", "x", 1), (1, "u2", "d", 1),
+         (1, "u3", "a", 1), (2, "u2", "d", -1), (3, "u2", "c", 1), (4, "u1", "b", 1),
+         (5, "u3", "c", 4), (6, "u1", "a", 1), (6, "u2", "x", 1), (7, "u2", "d", 1)]
+
+
+class Msg(SimpleNamespace):
+    pass
+
+
+def event(value: Any, topic: str, partition: int, offset: int, ts_ms: int) -> SimpleNamespace:
+    return SimpleNamespace(value=value, message=Msg(topic=topic, partition=partition,
+                                                    offset=offset, timestamp=ts_ms / 1000))
+
+
+def sales_events() -> list[SimpleNamespace]:
+    """SALES on two partitions (by user, as the producer keys them), offsets in arrival order."""
+    offsets = [0, 0]
+    out = []
+    for i, (m, u, p, q) in enumerate(SALES):
+        part = 1 if u == "u2" else 0
+        out.append(event(sale(i, u, p, q), "sales", part, offsets[part], T0 + m * BUCKET_MS + i))
+        offsets[part] += 1
+    return out
+
+
+# --- a changelog that loses what was not flushed ------------------------------------------------
+
+
+class Log:
+    """Every table write in order, with a marker at each flush."""
+
+    FLUSH = ("flush",)
+
+    def __init__(self) -> None:
+        self.entries: list[tuple] = []
+
+    async def flush(self) -> None:
+        self.entries.append(self.FLUSH)
+
+    def survivors(self, cut: int, rng: random.Random) -> list[tuple]:
+        """What a worker killed after `cut` writes left on the changelog: everything up to the
+        last flush, and any subset of the writes after it (partitions are written in parallel)."""
+        head = self.entries[:cut]
+        last = max((i for i, e in enumerate(head) if e == self.FLUSH), default=-1)
+        tail = [e for e in head[last + 1:] if e != self.FLUSH and rng.random() < 0.5]
+        return [e for e in head[: last + 1] if e != self.FLUSH] + tail
+
+
+class LoggedTable(dict):
+    def __init__(self, name: str, log: Log) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.log.entries.append((self.name, key, value))
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.log.entries.append((self.name, key, None))
+        super().__delitem__(key)
+
+
+NAMES = ("recs", "model_recs", "models", "sales_batches", "product_totals", "sales_rollup",
+         "dead_letters")
+
+
+def fake_tables(log: Log, restore: list[tuple] = ()) -> Tables:
+    tables = {n: LoggedTable(n, log) for n in NAMES}
+    for name, key, value in restore:  # recovery applies the changelog without logging it
+        if value is None:
+            dict.pop(tables[name], key, None)
+        else:
+            dict.__setitem__(tables[name], key, value)
+    return Tables(**tables)
+
+
+class Sent(list):
+    async def __call__(self, topic: Any, key: bytes, value: dict[str, Any]) -> None:
+        self.append((topic, key, value))
+
+
+TOPICS = Topics(sales="sales", dead_letters=SimpleNamespace(get_topic_name=lambda: "sales.dlq"),
+                model_ready="model-ready", recommendations="recommendations", feedback="feedback")
+
+
+def aggregation(settings, log: Log, restore: list[tuple] = ()) -> tuple[Aggregation, Sent]:
+    sent = Sent()
+    state = State(horizon_ms(settings.feedback_horizon_seconds), settings.aggregate_keep_models)
+    agg = Aggregation(settings, fake_tables(log, restore), state, TOPICS, log.flush, sent)
+    return agg, sent
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def feed(agg: Aggregation, events: list, batch: int) -> None:
+    for i in range(0, len(events), batch):
+        await agg.on_sales(events[i:i + batch])
+
+
+def views_of(agg: Aggregation) -> dict[str, Any]:
+    s = agg.state.sales
+    return {"totals": s.totals(), "products": s.products, "minutes": s.per_minute(),
+            "window": {mv: (c.sales, c.hits, dict(c.users), dict(c.pairs))
+                       for mv, c in s.window.by_version.items()}}
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_known_hits_through_the_agent_logic(settings):
+    log = Log()
+    agg, sent = aggregation(settings, log)
+    agg.state.recovered = True
+    recs = [event(rec_event(u, 1, items), "recommendations", 0, i, T0)
+            for i, (u, items) in enumerate(LISTS.items())]
+    run(agg.on_recommendations(recs))
+    run(feed(agg, sales_events(), batch=4))
+    # Each partition keeps its last 2 minutes: u2's partition (1) reached minute 7, so 6-7;
+    # partition 0 reached minute 6, so 5-6. Earlier minutes were folded into the totals.
+    start, end = agg.state.sales.window_bounds()
+    assert (start, end) == (T0 + 5 * BUCKET_MS, T0 + 8 * BUCKET_MS)
+    first = {0: 5, 1: 6}
+    inside = [(T0 + m * BUCKET_MS + i, u, p, q) for i, (m, u, p, q) in enumerate(SALES)
+              if m >= first[1 if u == "u2" else 0]]
+    listings = {u: [Listing(1, T0, tuple(items))] for u, items in LISTS.items()}
+    want = recompute(inside, listings, {1: 2})[1]
+    published = run(agg.publish_feedback(now_ms=T0))
+    assert len(published) == 1
+    got = published[0]
+    assert {k: got[k] for k in want} == want
+    assert (got["sales"], got["hits"], got["users"]) == (3, 2, 2)  # u1 a, u2 x, u2 d
+    assert got["k"] == 2 and got["window_start"] == start
+    assert sent[-1][0] == "feedback" and sent[-1][1] == b"1"
+    assert run(agg.publish_feedback(now_ms=T0 + 5)) == []  # unchanged: not sent again
+    totals = agg.state.sales.totals()
+    assert (totals["events"], totals["sales"], totals["returns"]) == (12, 11, 1)
+    assert agg.state.sales.products["a"] == [4, 0, 5]
+
+
+def test_duplicates_tombstones_and_bad_records(settings):
+    agg, sent = aggregation(settings, Log())
+    agg.state.recovered = True
+    events = sales_events()[:3]
+    again = [event(e.value, "sales", 1, 100 + i, T0 + 5) for i, e in enumerate(events)]
+    bad = event(Undecodable("bad marker 0000 (want c301)", b"\0\0"), "sales", 1, 200, T0 + 6)
+    tomb = event(None, "sales", 1, 201, T0 + 7)
+    assert run(agg.on_sales(events + again + [bad, tomb])) == 3
+    assert agg.state.counters["sales_duplicate"] == 3
+    assert agg.state.counters["tombstones"] == 1
+    (topic, key, dead), = sent
+    assert key == b"sales[1]@200" and dead["reason"].startswith("bad marker")
+    assert dead["stage"] == "aggregate" and dead["original_bytes"] == b"\0\0"
+    assert dead["source_topic"] == "sales" and dead["source_offset"] == 200
+
+
+def test_newest_list_wins_and_only_the_last_versions_are_kept(settings):
+    agg, _ = aggregation(settings, Log())
+    ev = lambda mv, g, off: event(rec_event("u1", mv, [f"p{mv}"], g), "recommendations", 0, off, g)  # noqa: E731
+    run(agg.on_recommendations([ev(2, T0 + 10, 0), ev(1, T0 + 20, 1)]))
+    assert agg.tables.recs["u1"]["model_version"] == 2  # v1 arrived later but is older
+    run(agg.on_recommendations([ev(3, T0 + 30, 2)]))  # keep 2: v1 is dropped
+    assert sorted(agg.state.recs.versions) == [2, 3]
+    assert sorted(agg.tables.model_recs) == ["2:u1", "3:u1"]
+    run(agg.on_recommendations([ev(1, T0 + 40, 3)]))  # older than every kept version
+    assert agg.state.counters["recommendations_stale"] == 1 and "1:u1" not in agg.tables.model_recs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_worker_killed_anywhere_and_replayed_counts_each_sale_once(settings, seed):
+    """Run once without a crash; then kill after a random number of table writes (unflushed
+    writes partly lost), recover the tables from what survived, replay every event from the
+    beginning (the committed offset can be anywhere before the crash) and compare."""
+    rng = random.Random(seed)
+    recs = [event(rec_event(u, 1, items), "recommendations", 0, i, T0)
+            for i, (u, items) in enumerate(LISTS.items())]
+    events = sales_events() + [event(sale(i, "u4", "a"), "sales", 2, i, T0 + 7 * BUCKET_MS + i)
+                               for i in range(100, 110)]
+    if rng.random() < 0.5:  # a backlog read one partition after the other
+        events.sort(key=lambda e: (e.message.partition, e.message.offset))
+    else:  # live: partitions interleaved, each in offset order
+        rng.shuffle(events)
+        events.sort(key=lambda e: e.message.timestamp // 60)
+    dead = [event({"stage": "produce", "reason": f"r{i % 2}: x"}, "sales.dlq", 0, i, T0)
+            for i in range(5)]
+
+    async def full(agg: Aggregation) -> None:
+        await agg.on_recommendations(recs)
+        await agg.on_dead_letters(dead[:3])
+        await feed(agg, events, batch=rng.randint(1, 5))
+        await agg.on_dead_letters(dead)
+
+    log = Log()
+    reference, _ = aggregation(settings, log)
+    run(full(reference))
+    want = views_of(reference)
+    assert want["totals"]["events"] == len(events)
+
+    cut = rng.randint(0, len(log.entries))
+    survivors = log.survivors(cut, rng)
+    restarted, _ = aggregation(settings, Log(), restore=survivors)
+    run(restarted.on_recovered())
+    run(full(restarted))
+    assert views_of(restarted) == want
+    assert restarted.state.dead_letters.totals() == reference.state.dead_letters.totals()
+    # And the recovered-then-replayed tables rebuild to the same views once more.
+    again, _ = aggregation(settings, Log(), restore=[
+        (t.name, k, v) for t in restarted.tables.__dict__.values() for k, v in t.items()])
+    run(again.on_recovered())
+    assert views_of(again) == want
+
+
+def test_read_api_answers_for_a_known_and_an_unknown_user(settings):
+    agg, _ = aggregation(settings, Log())
+    run(agg.on_recovered())
+    assert views.recommendations(agg, "u1")["items"] == []
+    run(agg.on_recommendations([event(rec_event("u1", 1, ["a", "b"]), "recommendations", 0, 0,
+                                      T0)]))
+    run(agg.on_sales([event(sale(0, "u9", "z"), "sales", 0, 0, T0 + 1),
+                      event(sale(1, "u8", "z"), "sales", 0, 1, T0 + 2),
+                      event(sale(2, "u8", "y"), "sales", 0, 2, T0 + 3)]))
+    known = views.recommendations(agg, "u1")
+    assert known["source"] == "model" and [i["product_id"] for i in known["items"]] == ["a", "b"]
+    assert known["items"][0]["rank"] == 1 and known["model_version"] == 1
+    unknown = views.recommendations(agg, "nobody")
+    assert unknown["source"] == "popular"
+    assert [i["product_id"] for i in unknown["items"]] == ["z", "y"]  # k = 2, by sales
+    s = views.stats(agg)
+    assert s["ready"] is False  # no model-ready yet
+    assert s["models"][0]["degree_distribution"] == [[1, 2]]
+    assert s["sales"]["events"] == 3 and s["top_products"][0]["product_id"] == "z"
+
+
+# --- the real agents, through Faust's test_context ----------------------------------------------
+
+
+def test_agents_in_faust_test_context(settings):
+    from streams.app import create_app
+
+    async def scenario() -> tuple[Any, list[tuple]]:
+        aggregator = create_app(settings, web=False)
+        app = aggregator.app
+        app.finalize()
+        app.flow_control.resume()
+        log = Log()
+        tables = aggregator.tables
+        for name in NAMES:  # record the changelog instead of producing it
+            table = getattr(tables, name)
+            table.on_key_set = lambda k, v, n=name: log.entries.append((n, k, v))
+            table.on_key_del = lambda k, n=name: log.entries.append((n, k, None))
+        sent = Sent()
+        aggregator.aggregation.flush = log.flush
+        aggregator.aggregation.send = sent
+        await aggregator.aggregation.on_recovered()
+
+        async def until(check: Any) -> None:
+            for _ in range(200):
+                if check():
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("the agent did not get there")
+
+        async with aggregator.agents["recommendations"].test_context() as agent:
+            for u, items in LISTS.items():
+                await agent.put(rec_event(u, 1, items), key=u.encode(), timestamp=T0 / 1000,
+                                wait=False)
+            await until(lambda: aggregator.state.recs.versions.get(1, None) is not None
+                        and aggregator.state.recs.versions[1].users == 2)
+        async with aggregator.agents["sales"].test_context() as agent:
+            for i, (m, u, p, q) in enumerate(SALES[:5]):
+                await agent.put(sale(i, u, p, q), key=u.encode(),
+                                timestamp=(T0 + m * BUCKET_MS + i) / 1000, wait=False)
+            await agent.put(sale(0, "u1", "a"), key=b"u1", timestamp=T0 / 1000, wait=False)
+            await until(lambda: aggregator.state.counters["sales_in"] == 6)
+        return aggregator, log.entries
+
+    aggregator, changelog = run(scenario())
+    counts = aggregator.state.sales.window.counts(1)
+    # u1: a (hit), a (hit), x; u2: d (hit); u3 had no list.
+    assert (counts.sales, counts.hits, counts.n_users, counts.hit_pairs) == (4, 3, 2, 2)
+    assert aggregator.state.counters["sales_duplicate"] == 1
+    assert aggregator.tables.recs["u2"]["items"] == [["c", 1.0], ["d", 0.5]]
+    written = {(name, key) for name, key, *_ in changelog if name != "flush"}
+    assert ("recs", "u1") in written and ("model_recs", "1:u2") in written
+    assert any(name == "sales_batches" for name, _ in written)

@@ -32,12 +32,15 @@ def build(settings: Settings, app_name: str = "recsys", ui: bool = False) -> Spa
         .config("spark.default.parallelism", str(settings.spark_shuffle_partitions))
         .config("spark.ui.enabled", "true" if ui else "false")
         .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.streaming.stopGracefullyOnShutdown", "true")
         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=warn")
     )
+    if settings.spark_master.startswith("local"):
+        # Local mode: keep the driver on loopback. On a cluster the workers must reach it.
+        builder = builder.config("spark.driver.host", "127.0.0.1").config(
+            "spark.driver.bindAddress", "127.0.0.1"
+        )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.sparkContext.setCheckpointDir(str(settings.data_dir.absolute() / "spark-checkpoints"))

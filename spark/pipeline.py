@@ -1,0 +1,234 @@
+"""One training cycle: sales -> index -> split -> ALS -> metrics (next to popularity) -> ALS on
+all events -> top-N recommendations. No Kafka here; the streaming job calls `run_training` and
+publishes what it returns.
+
+Two ALS fits per cycle, on purpose. The metrics come from a model fitted on the train split only
+(otherwise they would measure memory, not prediction). The published recommendations come from a
+second model fitted on ALL events: with a chronological split the held-out part is the most recent
+activity, and leaving it out would recommend from stale tastes and give no recommendation at all to
+the users who only appeared lately. The metrics therefore describe the procedure and its settings,
+as usual when refitting on all data; the second fit costs about as much as the first (measured in
+`fit_seconds`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pyspark import StorageLevel
+from pyspark.ml.recommendation import ALSModel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from recsys.settings import Settings
+from spark import evaluate, index, prepare, recommend, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one cycle produced; `recommendations` is cached and counted (cheap to publish)."""
+
+    model_version: int
+    metrics: dict[str, float]
+    baseline_metrics: dict[str, float]
+    train_seconds: float  # all time in ALS.fit (both fits)
+    cycle_seconds: float
+    users: int
+    products: int
+    events: int
+    event_time_min: datetime | None
+    event_time_max: datetime | None
+    params: dict[str, str]
+    model_path: str
+    recommendations: DataFrame  # user_id, items array<struct<product_id, score, rank>>
+    model: ALSModel
+    user_factors: DataFrame  # user_id, features array<float>
+    item_factors: DataFrame  # product_id, features array<float>
+    fit_seconds: dict[str, float] = field(default_factory=dict)  # "evaluation", "final"
+
+
+class _Steps:
+    """Logs the seconds of each step at DEBUG: where a cycle's time goes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.last = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        log.debug("%s: %s %.1f s", self.name, what, now - self.last)
+        self.last = now
+
+
+def index_path(settings: Settings, kind: str) -> str:
+    """Where the persistent index of `kind` (users or products) lives."""
+    return str((settings.data_dir / "index" / kind).absolute())
+
+
+def _nan_metrics() -> dict[str, float]:
+    return {name: float("nan") for name in evaluate.METRIC_NAMES}
+
+
+def _evaluate(
+    train_m: DataFrame, test_m: DataFrame, settings: Settings
+) -> tuple[dict[str, float], dict[str, float], float, int]:
+    """Fit on train, score the model and popularity on test; (model, baseline, fit s, users)."""
+    model, seconds = train.fit(train_m, settings)
+    implicit = settings.als_mode == "implicit"
+    k = settings.eval_k
+    step = _Steps("evaluation")
+    relevant = evaluate.relevant_items(train_m, test_m).cache()
+    eval_users = relevant.select("user").distinct().cache()
+    bought = recommend.bought_lists(train_m).cache()
+    popular = recommend.popularity(train_m).cache()
+    catalog = popular.count()  # the train catalogue, as coverage counts it
+    step("relevant items, bought lists")
+
+    recs = recommend.top_items(model, eval_users, k, bought).cache()
+    recs.count()
+    step("model top-k")
+    metrics = evaluate.ranking_metrics(recs, relevant, k, catalog)
+    step("model ranking metrics")
+    metrics["rmse"] = evaluate.model_rmse(model, test_m, implicit)
+    step("model rmse")
+    popular_recs = recommend.top_popular(popular, eval_users, k, bought)
+    baseline = evaluate.ranking_metrics(popular_recs, relevant, k, catalog)
+    step("popularity ranking metrics")
+    baseline["rmse"] = evaluate.popularity_rmse(train_m, test_m, implicit)
+    step("popularity rmse")
+    users = int(metrics.pop("eval_users"))
+    baseline.pop("eval_users")
+    for df in (recs, popular, bought, relevant, eval_users):
+        df.unpersist()
+    return metrics, baseline, seconds, users
+
+
+def run_training(
+    spark: SparkSession, sales: DataFrame, settings: Settings, model_version: int
+) -> TrainResult:
+    """Train, evaluate and recommend from `sales` (the `Sale` shape); saves the final model under
+    `<settings.models>/<model_version>`. Raises ValueError when there is nothing to train on."""
+    started = time.perf_counter()
+    step = _Steps(f"model {model_version}")
+    events = prepare.valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
+    stats = events.agg(
+        F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
+        F.max("event_time").alias("hi"),
+    ).first()
+    if not stats["n"]:
+        events.unpersist()
+        raise ValueError("no valid events to train on")
+    users = index.update_index(spark, events.select("user_id"), index_path(settings, "users"))
+    products = index.update_index(
+        spark, events.select("product_id"), index_path(settings, "products")
+    )
+    users, products = users.cache(), products.cache()
+    step("events, index")
+
+    split = prepare.split_events(events, settings)
+    train_m = prepare.interactions(split.train, users, products, settings).cache()
+    test_m = prepare.interactions(split.test, users, products, settings).cache()
+    train_pairs, test_pairs = train_m.count(), test_m.count()
+    step("split, train and test matrices")
+    if train_pairs and test_pairs:
+        metrics, baseline, eval_seconds, eval_users = _evaluate(train_m, test_m, settings)
+    else:
+        log.warning("train (%d pairs) or test (%d pairs) is empty: no metrics", train_pairs,
+                    test_pairs)
+        metrics, baseline, eval_seconds, eval_users = _nan_metrics(), _nan_metrics(), 0.0, 0
+    train_m.unpersist()
+    test_m.unpersist()
+    step("evaluation (fit included)")
+
+    full = prepare.interactions(events, users, products, settings).cache()
+    n_pairs = full.count()
+    if not n_pairs:
+        raise ValueError("no user-product pair with a positive net quantity")
+    step("full matrix")
+    model, final_seconds = train.fit(full, settings)
+    step("final fit")
+    bought = recommend.bought_lists(full) if settings.filter_bought else None
+    long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought)
+    recs = recommend.with_ids(long_recs, users, products).cache()
+    n_recs = recs.count()
+    step("recommendations")
+
+    model_path = f"{settings.models.rstrip('/')}/{model_version}"
+    model.write().overwrite().save(model_path)
+    counts = full.agg(
+        F.countDistinct("user").alias("users"), F.countDistinct("item").alias("products")
+    ).first()
+    full.unpersist()
+    events.unpersist()
+    # The factor tables below stay lazy; they re-read the index, where existing ids never change.
+    users.unpersist()
+    products.unpersist()
+    step("model saved")
+
+    params = train.als_params(settings) | {
+        "split": settings.split,
+        "split_cutoff": split.cutoff.isoformat() if split.cutoff else "",
+        "test_fraction": str(settings.test_fraction),
+        "eval_k": str(settings.eval_k),
+        "eval_users": str(eval_users),
+        "train_pairs": str(train_pairs),
+        "test_pairs": str(test_pairs),
+        "pairs": str(n_pairs),
+        "top_n": str(settings.top_n),
+        "filter_bought": str(settings.filter_bought).lower(),
+    }
+    user_factors = model.userFactors.join(
+        users.select(F.col("idx").alias("id"), F.col("id").alias("user_id")), "id"
+    ).select("user_id", "features")
+    item_factors = model.itemFactors.join(
+        products.select(F.col("idx").alias("id"), F.col("id").alias("product_id")), "id"
+    ).select("product_id", "features")
+    cycle = time.perf_counter() - started
+    result = TrainResult(
+        model_version=model_version,
+        metrics=metrics,
+        baseline_metrics=baseline,
+        train_seconds=eval_seconds + final_seconds,
+        cycle_seconds=cycle,
+        users=int(counts["users"]),
+        products=int(counts["products"]),
+        events=int(stats["n"]),
+        event_time_min=stats["lo"],
+        event_time_max=stats["hi"],
+        params=params,
+        model_path=model_path,
+        recommendations=recs,
+        model=model,
+        user_factors=user_factors,
+        item_factors=item_factors,
+        fit_seconds={"evaluation": eval_seconds, "final": final_seconds},
+    )
+    log_result(result, n_recs)
+    return result
+
+
+def log_result(result: TrainResult, n_recs: int) -> None:
+    """The metrics next to the baseline, one line each, and the time split."""
+    log.info(
+        "model %d: %d events, %d users, %d products, %d evaluated users, %d users recommended",
+        result.model_version, result.events, result.users, result.products,
+        int(result.params.get("eval_users", "0")), n_recs,
+    )
+    k = result.params.get("eval_k", "k")
+    for name in evaluate.METRIC_NAMES:
+        shown = name.replace("_at_k", f"@{k}")
+        log.info(
+            "  %-13s model %.4f  popularity %.4f", shown, result.metrics.get(name, float("nan")),
+            result.baseline_metrics.get(name, float("nan")),
+        )
+    log.info(
+        "  time: cycle %.1f s, ALS.fit %.1f s (evaluation %.1f + final %.1f) = %.0f%%",
+        result.cycle_seconds, result.train_seconds, result.fit_seconds.get("evaluation", 0.0),
+        result.fit_seconds.get("final", 0.0),
+        100.0 * result.train_seconds / result.cycle_seconds if result.cycle_seconds else 0.0,
+    )

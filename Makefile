@@ -30,7 +30,7 @@ jvm/lib/.installed: jvm/pom.xml
 	mvn -q -B -f jvm/pom.xml -P kafka dependency:copy-dependencies
 	mvn -q -B -f jvm/pom.xml -P spark dependency:copy-dependencies
 	mvn -q -B -f jvm/pom.xml -P graphframes dependency:copy-dependencies \
-	  || echo "setup: GraphFrames jar not served by this Maven registry; graph steps use plain DataFrames"
+	  || echo "setup: GraphFrames jar not served by this Maven registry; continuing without it (see README, GraphFrames)"
 	touch $@
 
 .debs-installed:

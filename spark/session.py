@@ -31,6 +31,7 @@ def build(settings: Settings, app_name: str = "recsys", ui: bool = False) -> Spa
         .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
         .config("spark.default.parallelism", str(settings.spark_shuffle_partitions))
         .config("spark.ui.enabled", "true" if ui else "false")
+        .config("spark.ui.showConsoleProgress", "false")  # progress bars garble the logs
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.streaming.stopGracefullyOnShutdown", "true")

@@ -1,0 +1,115 @@
+"""ingest: the bundled file from `sales` into the Parquet store by the Spark job (decode, split,
+dedupe, write), next to a plain confluent-kafka consumer draining the same topic.
+
+Prints `ingest: spark N rows/s / plain consumer M rows/s = R` (target R >= 0.5); never asserts.
+Starts its own broker on free ports in a temporary folder; `python -m bench.ingest [--limit N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from recsys.settings import Settings, load
+
+log = logging.getLogger("bench.ingest")
+
+
+def produce(settings: Settings, topic: str, dlq: str, limit: int | None) -> int:
+    """Replay the bundled file into `topic`; returns the Sale records acknowledged."""
+    from recsys.paths import BUNDLED_DATA
+    from streams.csv_source import CsvSource
+    from streams.producer import SalesProducer
+
+    producer = SalesProducer(settings, topic=topic, dlq_topic=dlq)
+    summary = producer.run(CsvSource(BUNDLED_DATA, limit=limit))
+    log.info("produced: %s", summary.line())
+    return summary.published
+
+
+def drain(settings: Settings, topic: str, expected: int, timeout: float = 300.0) -> float:
+    """Seconds a plain consumer (batch consume, no decoding) takes to read `expected` records."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from recsys.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(settings, f"bench-{uuid.uuid4().hex[:8]}"))
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])  # 0: from the beginning
+        seen, started = 0, time.perf_counter()
+        deadline = started + timeout
+        while seen < expected and time.perf_counter() < deadline:
+            for msg in consumer.consume(num_messages=10_000, timeout=1.0):
+                if msg.error() is None:
+                    seen += 1
+        seconds = time.perf_counter() - started
+    finally:
+        consumer.close()
+    if seen < expected:
+        log.warning("plain consumer read %d of %d records", seen, expected)
+    return seconds
+
+
+def spark_ingest(settings: Settings, prefix: str) -> tuple[float, int]:
+    """(seconds from query start to the last batch committed, events in the store)."""
+    from spark import session
+    from spark.job import StreamJob
+    from spark.publish import Topics
+
+    spark = session.build(settings, "bench-ingest")
+    try:
+        job = StreamJob(spark, settings, Topics.with_prefix(prefix))
+        started = time.perf_counter()
+        job.start(available_now=True)
+        job.run(threading.Event())
+        seconds = time.perf_counter() - started
+        return seconds, job.store.count()
+    finally:
+        spark.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    p.add_argument("--limit", type=int, help="replay only the first N rows of the bundled file")
+    args = p.parse_args(argv or [])
+    from recsys import logs
+    from recsys import topics as topic_admin
+    from recsys.broker import LocalBroker, free_port
+
+    logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
+    tmp = Path(tempfile.mkdtemp(prefix="recsys-bench-ingest-"))
+    broker = LocalBroker(tmp / "kafka", free_port(), die_with_parent=True)
+    try:
+        broker.start()
+        settings = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp),
+                        train_threshold=10**12)
+        prefix = "bench."
+        topic_admin.create_topics(settings, names=topic_admin.renamed(prefix))
+        n = produce(settings, prefix + "sales", prefix + "sales.dlq", args.limit)
+        plain_s = drain(settings, prefix + "sales", n)
+        spark_s, stored = spark_ingest(settings, prefix)
+        if stored != n:
+            print(f"ingest: WARNING the store holds {stored:,} events of {n:,} produced",
+                  file=sys.stderr)
+        spark_rate, plain_rate = n / spark_s, n / plain_s
+        print(f"ingest: spark {spark_rate:,.0f} rows/s / plain consumer {plain_rate:,.0f} rows/s "
+              f"= {spark_rate / plain_rate:.2f}  ({n:,} records; spark {spark_s:.1f} s incl. query "
+              f"start, plain {plain_s:.1f} s; target >= 0.5)")
+    finally:
+        try:
+            broker.stop()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

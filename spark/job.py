@@ -1,0 +1,514 @@
+"""`recsys stream` and `recsys train`: the wiring of ingest, store, training and publishing.
+
+`recsys stream` is a long-running Structured Streaming query on `sales` (Kafka source, checkpoint
+under `settings.checkpoints`). Each micro-batch is handled in foreachBatch (see `StreamJob._batch`
+for the commit order); when the valid events accumulated since the last model reach
+`settings.train_threshold` (or `train_max_wait_seconds` passed with at least one new event), a model
+is trained on ALL accumulated events and published: recommendations first, then model-ready.
+
+`recsys train` runs the same training and publishing once, on the store or on a purchases CSV.
+
+SIGTERM/SIGINT stop the query after the batch in progress (and its training, if one started):
+the handler only sets an event; the main thread waits for the batch lock, then stops the query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from recsys import settings as settings_mod
+from recsys.settings import Settings
+from spark import ingest, publish
+from spark.publish import Topics
+from spark.store import Store, StoreState, list_names, offset_ranges, read_text, write_text
+
+log = logging.getLogger(__name__)
+
+# After a failed training, wait this long before trying again (the batches keep flowing).
+TRAIN_RETRY_SECONDS = 60.0
+# Bad records named one by one in the log per batch; the rest are counted.
+LOGGED_BAD = 10
+
+
+class StopRequested(RuntimeError):
+    """Raised in a batch that started after the stop was requested: it is not committed and
+    runs again on the next start, from the checkpoint."""
+
+
+# --- model versions ---------------------------------------------------------------------------------
+class Models:
+    """The monotonic model version, shared by `recsys stream` and `recsys train`.
+
+    `<models>/LATEST` holds the last PUBLISHED version; without it, the highest numbered model
+    folder counts. A cycle re-run after a crash before LATEST was written reuses its version (the
+    pipeline overwrites the folder, the published ids are the same).
+    """
+
+    def __init__(self, spark: SparkSession, root: str) -> None:
+        self.spark = spark
+        self.root = root.rstrip("/")
+        self.latest_path = f"{self.root}/LATEST"
+
+    def latest(self) -> int:
+        text = read_text(self.spark, self.latest_path)
+        if text is not None:
+            return int(json.loads(text)["model_version"])
+        numbered = [int(n) for n in list_names(self.spark, self.root) if n.isdigit()]
+        return max(numbered, default=0)
+
+    def next_version(self) -> int:
+        return self.latest() + 1
+
+    def record(self, model_ready: dict[str, Any]) -> None:
+        shown = {k: model_ready[k] for k in ("model_version", "model_id", "trigger", "events")}
+        write_text(self.spark, self.latest_path, json.dumps(shown))
+
+
+@dataclass
+class Published:
+    """What one training cycle put on Kafka."""
+
+    result: Any  # spark.pipeline.TrainResult
+    model_ready: dict[str, Any]
+    recommendations: int
+    cycle_seconds: float
+
+
+def train_and_publish(
+    spark: SparkSession,
+    settings: Settings,
+    topics: Topics,
+    sales: DataFrame,
+    trigger: str,
+    offsets: list[dict[str, Any]],
+    started: float | None = None,
+) -> Published:
+    """Train on `sales`, publish recommendations then model-ready, then record the version.
+
+    `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
+    there to just before model-ready is sent.
+    """
+    from spark import pipeline  # heavy imports (MLlib) only when a model is trained
+
+    started = time.perf_counter() if started is None else started
+    models = Models(spark, settings.models)
+    version = models.next_version()
+    log.info("training model %d (trigger %s)", version, trigger)
+    result = pipeline.run_training(spark, sales, settings, version)
+    try:
+        n = publish.publish_recommendations(
+            result.recommendations, version, settings, topics.recommendations
+        )
+        cycle = time.perf_counter() - started
+        record = publish.model_ready_record(result, trigger, offsets, cycle)
+        publish.publish_model_ready(record, settings, topics.model_ready)
+    finally:
+        result.recommendations.unpersist()
+    models.record(record)
+    fit = result.train_seconds
+    log.info(
+        "model %d published: %d users recommended, cycle %.1f s (ALS.fit %.1f s, %.0f%%)",
+        version, n, cycle, fit, 100.0 * fit / cycle if cycle else 0.0,
+    )
+    return Published(result, record, n, cycle)
+
+
+# --- the streaming job ------------------------------------------------------------------------------
+def _offsets(value: Any) -> dict[str, dict[str, int]]:
+    """A progress report's offsets, `{"topic": {"partition": offset}}`: PySpark gives them as
+    JSON or as a Python dict's repr, depending on the version."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = ast.literal_eval(value)
+    else:
+        parsed = value
+    return {t: {str(p): int(o) for p, o in parts.items()} for t, parts in parsed.items()}
+
+
+def lag(end: Any, latest: Any) -> int | None:
+    """Records on the topic past the batch's end offsets; None when either side is unknown."""
+    try:
+        ends, latests = _offsets(end), _offsets(latest)
+        return sum(
+            max(0, off - ends[t].get(p, 0)) for t, parts in latests.items()
+            for p, off in parts.items()
+        )
+    except (TypeError, ValueError, KeyError, AttributeError, SyntaxError):
+        return None
+
+
+class StreamJob:
+    """The ingest query and its threshold trigger; usable from the CLI and in-process (tests)."""
+
+    def __init__(self, spark: SparkSession, settings: Settings, topics: Topics | None = None
+                 ) -> None:
+        self.spark = spark
+        self.settings = settings
+        self.topics = topics or Topics()
+        self.store = Store(spark, settings.store)
+        self.checkpoint = f"{settings.checkpoints.rstrip('/')}/ingest"
+        self.state = StoreState()
+        self.query: StreamingQuery | None = None
+        self.published: list[Published] = []
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._query_id = ""
+        self._ready = threading.Event()
+        self._retry_at = 0.0
+        self._last_progress = -1
+        self._watermarks: Any = None  # a confluent Consumer asked for end offsets (lag)
+
+    # -- life cycle --
+    def start(self, available_now: bool = False) -> StreamingQuery:
+        """Start the query (returns at once); `available_now` reads what is on the topic, then
+        stops."""
+        self.state = self.store.load_state()
+        s = self.settings
+        log.info(
+            "stream %s -> %s (checkpoint %s); %d/%d new events toward the next model",
+            self.topics.sales, self.store.root, self.checkpoint, self.state.since_model,
+            s.train_threshold,
+        )
+        writer = (
+            ingest.kafka_source(self.spark, s, self.topics.sales)
+            .writeStream.queryName(f"ingest:{self.topics.sales}")
+            .foreachBatch(self._batch)
+            .option("checkpointLocation", self.checkpoint)
+        )
+        if available_now:
+            writer = writer.trigger(availableNow=True)
+        else:
+            writer = writer.trigger(processingTime=f"{s.trigger_seconds} seconds")
+        self.query = writer.start()
+        self._query_id = str(self.query.id)
+        self._ready.set()
+        return self.query
+
+    def run(self, stop: threading.Event) -> int:
+        """Wait for the query (or `stop`), checking max-wait and logging progress; 0 when the
+        query ended or was stopped cleanly, 1 when it failed."""
+        assert self.query is not None, "start() first"
+        try:
+            while not stop.wait(1.0):
+                self._log_progress()
+                if not self.query.isActive:
+                    failure = self.query.exception()
+                    if failure is not None and not self._stopping:
+                        log.error("query failed: %s", failure)
+                        return 1
+                    log.info("query finished; %d/%d new events toward the next model",
+                             self.state.since_model, self.settings.train_threshold)
+                    return 0
+                if self.settings.train_max_wait_seconds and self._lock.acquire(blocking=False):
+                    try:
+                        self._maybe_train(time.time())
+                    finally:
+                        self._lock.release()
+            self.stop()
+            return 0
+        finally:
+            if self._watermarks is not None:
+                self._watermarks.close()
+                self._watermarks = None
+
+    def stop(self) -> None:
+        """Stop after the batch in progress: take the batch lock (waits for it), mark stopping,
+        then stop the query. A batch that starts meanwhile refuses to run (StopRequested) and
+        is not committed."""
+        log.info("stopping after the batch in progress")
+        with self._lock:
+            self._stopping = True
+        if self.query is not None and self.query.isActive:
+            try:
+                self.query.stop()
+            except Exception as exc:  # a batch refused with StopRequested ends the query too
+                log.debug("query stop: %s", exc)
+        log.info("stopped; %d/%d new events toward the next model", self.state.since_model,
+                 self.settings.train_threshold)
+
+    def _log_progress(self) -> None:
+        p = self.query.lastProgress if self.query is not None else None
+        if not p or p.get("batchId", -1) == self._last_progress:
+            return
+        self._last_progress = p["batchId"]
+        source = (p.get("sources") or [{}])[0]
+        behind = lag(source.get("endOffset"), source.get("latestOffset"))
+        if behind is None:
+            behind = lag(source.get("endOffset"), self._high_watermarks())
+        log.info(
+            "progress: batch %d, %d rows, input %.0f rows/s, processed %.0f rows/s, lag %s",
+            p["batchId"], p.get("numInputRows", 0), p.get("inputRowsPerSecond") or 0.0,
+            p.get("processedRowsPerSecond") or 0.0,
+            "?" if behind is None else f"{behind} records",
+        )
+
+    def _high_watermarks(self) -> dict[str, dict[str, int]] | None:
+        """The sales topic's end offsets, asked of the broker (the V1 source does not report
+        them); None when the broker does not answer in time."""
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+        from recsys.kafka import consumer_config
+
+        topic = self.topics.sales
+        try:
+            if self._watermarks is None:
+                self._watermarks = Consumer(consumer_config(self.settings, "recsys-stream-lag"))
+            parts = self._watermarks.list_topics(topic, timeout=5).topics[topic].partitions
+            return {topic: {
+                str(p): self._watermarks.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=5, cached=False)[1]
+                for p in parts
+            }}
+        except (KafkaException, KeyError) as exc:
+            log.debug("no watermarks for %s: %s", topic, exc)
+            return None
+
+    # -- one micro-batch --
+    def _batch(self, batch: DataFrame, batch_id: int) -> None:
+        """Commit order of one micro-batch. foreachBatch is at-least-once: a crash anywhere below
+        runs this batch again, with the same id and the same offsets, so every step is idempotent
+        on that:
+
+        1. bad rows -> sales.dlq (keyed topic[partition]@offset; a re-run sends them again)
+        2. good rows -> store folder <query>/<batch>, deduped in the batch and against the store,
+           overwritten on a re-run
+        3. counters -> _state.json (a re-run replaces its own count, never adds it twice)
+        4. threshold reached -> train on the whole store -> recommendations -> model-ready ->
+           models/LATEST -> counters reset. A re-run after the reset does not train again; one
+           before LATEST trains the same version again and publishes the same ids.
+        5. return -> Spark records the batch in the checkpoint's commit log (offsets done).
+        """
+        self._ready.wait()
+        with self._lock:
+            if self._stopping:
+                raise StopRequested(f"batch {batch_id} not run: stopping")
+            started = time.perf_counter()
+            key = f"{self._query_id}/{batch_id}"
+            # Cached once, read by the counts, the dead letters and the store; the original bytes
+            # are kept for bad rows only (the dead letters carry them), so the cache stays small.
+            decoded = ingest.decode(batch)
+            decoded = decoded.withColumn(
+                "value", F.when(F.col("reason").isNotNull(), F.col("value"))
+            ).persist(StorageLevel.MEMORY_AND_DISK)
+            try:
+                parts = (
+                    decoded.groupBy("topic", "partition")
+                    .agg(
+                        F.count(F.lit(1)).alias("n"),
+                        F.count("reason").alias("bad"),
+                        F.min("offset").alias("lo"),
+                        F.max("offset").alias("hi"),
+                    )
+                    .collect()
+                )
+                read = sum(r["n"] for r in parts)
+                n_bad = sum(r["bad"] for r in parts)
+                t_read = time.perf_counter()
+                good, bad = ingest.split(decoded)
+                if n_bad:  # (1)
+                    self._dead_letter(bad, n_bad)
+                t_dlq = time.perf_counter()
+                new = 0
+                if read > n_bad:  # (2)
+                    new = self.store.append_batch(good, self._query_id, batch_id)
+                t_store = time.perf_counter()
+            finally:
+                decoded.unpersist()
+            now = time.time()
+            self.state.count_batch(key, new, now)
+            self.store.save_state(self.state)  # (3)
+            done = time.perf_counter()
+            seconds = done - started
+            ranges = ", ".join(f"{r['topic']}[{r['partition']}]@{r['lo']}-{r['hi']}" for r in parts)
+            log.info(
+                "batch %d: %d read (%d new, %d duplicate, %d dead-lettered) in %.1f s "
+                "(decode %.1f, dlq %.1f, store %.1f, state %.1f), %.0f rows/s [%s]; "
+                "%d/%d new events toward the next model",
+                batch_id, read, new, read - n_bad - new, n_bad, seconds, t_read - started,
+                t_dlq - t_read, t_store - t_dlq, done - t_store,
+                read / seconds if seconds else 0.0, ranges, self.state.since_model,
+                self.settings.train_threshold,
+            )
+            self._maybe_train(now)  # (4)
+
+    def _dead_letter(self, bad: DataFrame, n_bad: int) -> None:
+        publish.write_kafka(ingest.dead_letters(bad), self.settings, self.topics.dlq)
+        shown = bad.select(
+            ingest.source_label(F.col("topic"), F.col("partition"), F.col("offset")).alias("src"),
+            "reason",
+        ).limit(LOGGED_BAD).collect()
+        for r in shown:
+            log.warning("%s: dead-lettered to %s: %s", r["src"], self.topics.dlq, r["reason"])
+        if n_bad > len(shown):
+            log.warning("... and %d more dead-lettered to %s", n_bad - len(shown), self.topics.dlq)
+
+    # -- the trigger --
+    def due(self, now: float) -> str | None:
+        """"threshold", "max_wait" or None: should a model be trained now?"""
+        s, since = self.settings, self.state.since_model
+        if since >= s.train_threshold:
+            return "threshold"
+        if s.train_max_wait_seconds and since >= 1:
+            ref = self.state.last_model_at or self.state.pending_since or now
+            if now - ref >= s.train_max_wait_seconds:
+                return "max_wait"
+        return None
+
+    def _maybe_train(self, now: float) -> None:
+        trigger = self.due(now)
+        if trigger is None or now < self._retry_at:
+            return
+        started = time.perf_counter()
+        log.info("%s reached: %d new events since the last model (threshold %d)", trigger,
+                 self.state.since_model, self.settings.train_threshold)
+        try:
+            sales = self.store.read()
+            offsets = offset_ranges(sales)
+            done = train_and_publish(self.spark, self.settings, self.topics, sales, trigger,
+                                     offsets, started)
+        except Exception:
+            self._retry_at = time.time() + TRAIN_RETRY_SECONDS
+            log.exception("training failed; ingest goes on, next attempt in %.0f s",
+                          TRAIN_RETRY_SECONDS)
+            return
+        self.published.append(done)
+        self.state.model_trained(self.state.events, time.time())
+        self.store.save_state(self.state)
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+def check_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
+    """None when the broker answers and every topic exists; otherwise the line to show."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from recsys.kafka import admin_config
+
+    try:
+        md = AdminClient(admin_config(settings)).list_topics(timeout=timeout)
+    except KafkaException as exc:
+        return f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0]}"
+    missing = [n for n in names if n not in md.topics or md.topics[n].error is not None]
+    if missing:
+        return (f"topic {missing[0]!r} does not exist on {settings.kafka_bootstrap}: "
+                "run `recsys topics create`")
+    return None
+
+
+def _override(settings: Settings, **flags: Any) -> Settings:
+    """The settings with the CLI flags that were given on top (validated again)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return settings
+    return settings_mod.load(**{**settings.model_dump(), **given})
+
+
+def _topics(args: argparse.Namespace) -> Topics:
+    prefix = getattr(args, "topic_prefix", None)
+    return Topics.with_prefix(prefix) if prefix else Topics()
+
+
+def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
+    """`recsys stream`: run until SIGTERM/SIGINT (or, with --once, until the topic is read)."""
+    from spark import session
+
+    settings = _override(
+        settings,
+        train_threshold=args.threshold,
+        train_max_wait_seconds=args.max_wait,
+        trigger_seconds=args.trigger_seconds,
+        max_offsets_per_trigger=args.max_offsets,
+    )
+    topics = _topics(args)
+    problem = check_topics(settings, [topics.sales, topics.dlq, topics.model_ready,
+                                      topics.recommendations])
+    if problem:
+        print(f"recsys stream: {problem}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("%s again: still finishing the batch in progress",
+                        signal.Signals(signum).name)
+        else:
+            log.info("%s: stopping after the batch in progress", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    spark = session.build(settings, "recsys-stream")
+    try:
+        job = StreamJob(spark, settings, topics)
+        job.start(available_now=args.once)
+        code = job.run(stop)
+    finally:
+        spark.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return code
+
+
+def train_cli(settings: Settings, args: argparse.Namespace) -> int:
+    """`recsys train`: one model on the accumulated store, or on a CSV with --file; published
+    like the streaming job's (trigger "manual" or "file")."""
+    from spark import session
+
+    topics = _topics(args)
+    problem = check_topics(settings, [topics.model_ready, topics.recommendations])
+    if problem:
+        print(f"recsys train: {problem}", file=sys.stderr)
+        return 2
+    if args.file and "://" not in args.file and not Path(args.file).is_file():
+        print(f"recsys train: no such file {args.file}", file=sys.stderr)
+        return 2
+    spark = session.build(settings, "recsys-train")
+    started = time.perf_counter()
+    try:
+        if args.file:
+            from spark.csv_input import CsvMapping, read_purchases_csv
+
+            sales = read_purchases_csv(spark, args.file, CsvMapping.from_args(args))
+            done = train_and_publish(spark, settings, topics, sales, "file", [], started)
+        else:
+            store = Store(spark, settings.store)
+            if not store.has_data():
+                print(f"recsys train: the store {settings.store} is empty: run `recsys stream` "
+                      "first, or train on a file with --file", file=sys.stderr)
+                return 1
+            state = store.load_state()
+            sales = store.read()
+            done = train_and_publish(spark, settings, topics, sales, "manual",
+                                     offset_ranges(sales), started)
+            state.model_trained(state.events, time.time())
+            store.save_state(state)
+    finally:
+        spark.stop()
+    mr = done.model_ready
+    print(f"model {mr['model_version']} ({mr['trigger']}): {mr['events']:,} events, "
+          f"{mr['users']:,} users, {mr['products']:,} products; {done.recommendations:,} "
+          f"recommendations on {topics.recommendations}, model-ready on {topics.model_ready}")
+    metrics = mr["metrics"]
+    base = mr["baseline_metrics"]
+    for name in sorted(metrics):
+        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base.get(name, float('nan')):.4f}")
+    print(f"  cycle {done.cycle_seconds:.1f} s, ALS.fit {mr['train_seconds']:.1f} s, "
+          f"trained at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
+    return 0

@@ -1,0 +1,196 @@
+"""The Kafka sink of a trained model: `recommendations` (one record per user) then `model-ready`.
+
+Order matters: the recommendations go first and are flushed, so a consumer that sees a
+`model-ready` for version V can already read every user's list of version V. Every record has a
+deterministic id (`V:user_id`, and the model id), so a cycle re-run after a crash publishes the
+same ids again and consumers stay idempotent.
+
+Recommendations are encoded in Spark (`to_avro` + the single-object header as a literal) and written
+with the Kafka batch sink; the one `model-ready` record goes through the Python codec and an
+idempotent confluent-kafka producer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.avro.functions import to_avro
+
+from recsys import kafka
+from recsys.settings import Settings
+from schemas import codec, topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics the Spark job reads and writes; tests give each run its own names."""
+
+    sales: str = topics.SALES
+    dlq: str = topics.SALES_DLQ
+    model_ready: str = topics.MODEL_READY
+    recommendations: str = topics.RECOMMENDATIONS
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        """Every topic name with `prefix` in front (`t1.` -> `t1.sales`, ...)."""
+        base = cls()
+        return cls(*(prefix + getattr(base, f) for f in cls.__dataclass_fields__))
+
+
+def kafka_sink_options(settings: Settings) -> dict[str, str]:
+    """Options of Spark's Kafka batch sink: the same safe producer defaults as ours."""
+    return {
+        "kafka.bootstrap.servers": settings.kafka_bootstrap,
+        "kafka.acks": "all",
+        "kafka.enable.idempotence": "true",
+        "kafka.compression.type": "lz4",
+        "kafka.linger.ms": str(settings.producer_linger_ms),
+    }
+
+
+def write_kafka(rows: DataFrame, settings: Settings, topic: str) -> None:
+    """Write (key, value) rows to `topic` with Spark's Kafka batch sink (flushed on return)."""
+    rows.write.format("kafka").options(**kafka_sink_options(settings)).option(
+        "topic", topic
+    ).save()
+
+
+def recommendation_rows(
+    recs: DataFrame, model_version: int, generated_at: datetime | None = None
+) -> DataFrame:
+    """(key, value) rows of framed `Recommendation`s from `user_id, items` (the pipeline's shape).
+
+    to_avro wants non-nullable columns where the Avro field is not a union: users without an id
+    and items without a product are dropped (there should be none), the rest is made
+    non-nullable explicitly.
+    """
+    schema = codec.schema("Recommendation")
+    at = generated_at or datetime.now(UTC)
+    at_lit = F.lit(at.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")).cast("timestamp")
+    items = F.transform(
+        F.filter(
+            F.coalesce(F.col("items"), F.array()),
+            lambda x: x["product_id"].isNotNull() & x["score"].isNotNull()
+            & x["rank"].isNotNull(),
+        ),
+        lambda x: F.struct(
+            F.coalesce(x["product_id"], F.lit("")).alias("product_id"),
+            F.coalesce(x["score"].cast("double"), F.lit(0.0)).alias("score"),
+            F.coalesce(x["rank"].cast("int"), F.lit(0)).alias("rank"),
+        ),
+    )
+    user = F.coalesce(F.col("user_id").cast("string"), F.lit(""))
+    record = F.struct(
+        F.concat(F.lit(f"{model_version}:"), user).alias("id"),
+        user.alias("user_id"),
+        F.lit(model_version).cast("long").alias("model_version"),
+        F.coalesce(at_lit, F.current_timestamp()).alias("generated_at"),
+        items.alias("items"),
+    )
+    return recs.where(F.col("user_id").isNotNull()).select(
+        user.cast("binary").alias("key"),
+        F.concat(F.lit(schema.header), to_avro(record, schema.json)).alias("value"),
+    )
+
+
+def publish_recommendations(
+    recs: DataFrame, model_version: int, settings: Settings, topic: str
+) -> int:
+    """Write every user's list to `topic`; returns how many records were written."""
+    rows = recommendation_rows(recs, model_version).cache()
+    try:
+        n = rows.count()
+        write_kafka(rows, settings, topic)
+    finally:
+        rows.unpersist()
+    log.info("published %d recommendations of model %d to %s", n, model_version, topic)
+    return n
+
+
+def _ms(value: datetime | int | float | None) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(float(value) / 1000.0, UTC)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """NaN stays NaN (Avro doubles carry it); None and non-numbers are left out."""
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def model_id(model_version: int, events: int, offsets: list[dict[str, Any]],
+             event_time_min: datetime | None, event_time_max: datetime | None) -> str:
+    """Deterministic: the version and a digest of the data lineage it was trained on."""
+    lineage = json.dumps(
+        {"events": events, "offsets": offsets,
+         "t": [str(event_time_min), str(event_time_max)]},
+        sort_keys=True,
+    )
+    return f"{model_version}:{hashlib.sha256(lineage.encode()).hexdigest()[:16]}"
+
+
+def model_ready_record(result: Any, trigger: str, offsets: list[dict[str, Any]],
+                       cycle_seconds: float, trained_at: datetime | None = None
+                       ) -> dict[str, Any]:
+    """The `ModelReady` record of a `spark.pipeline.TrainResult`."""
+    lo, hi = _ms(result.event_time_min), _ms(result.event_time_max)
+    return {
+        "model_version": int(result.model_version),
+        "model_id": model_id(result.model_version, result.events, offsets, lo, hi),
+        "trained_at": trained_at or datetime.now(UTC),
+        "trigger": trigger,
+        "events": int(result.events),
+        "event_time_min": lo,
+        "event_time_max": hi,
+        "offsets": offsets,
+        "users": int(result.users),
+        "products": int(result.products),
+        "params": {str(k): str(v) for k, v in result.params.items()},
+        "metrics": _finite(result.metrics),
+        "baseline_metrics": _finite(result.baseline_metrics),
+        "train_seconds": float(result.train_seconds),
+        "cycle_seconds": float(cycle_seconds) if math.isfinite(cycle_seconds) else 0.0,
+        "model_path": str(result.model_path),
+    }
+
+
+def publish_model_ready(record: dict[str, Any], settings: Settings, topic: str) -> None:
+    """Send the one `model-ready` record, keyed by its version, and wait for the broker's ack."""
+    from confluent_kafka import KafkaException, Producer
+
+    value = codec.encode("ModelReady", record)
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    producer = Producer(kafka.producer_config(settings, **{"linger.ms": 0}))
+    producer.produce(topic, key=str(record["model_version"]).encode(), value=value,
+                     on_delivery=on_delivery)
+    left = producer.flush(60)
+    if left or errors:
+        raise KafkaException(
+            f"model-ready {record['model_version']} to {topic} not acknowledged: "
+            f"{errors[0] if errors else f'{left} in flight after 60 s'}"
+        )
+    log.info("published model-ready %d (%s) to %s", record["model_version"], record["model_id"],
+             topic)

@@ -1,0 +1,203 @@
+"""The Parquet store of accumulated sales, deduplicated by `event_id`, and the threshold state.
+
+Layout under `settings.store` (any Hadoop path: file:, hdfs:, s3a:):
+
+    sales/query_id=<streaming query id>/batch_id=<n>/part-*.parquet   one folder per micro-batch
+    _state.json                                                       counters of the threshold
+
+Why this shape: Spark's foreachBatch is at-least-once — after a crash the last batch runs again
+with the same id and the same offsets — and producers retry, so the same event can arrive twice.
+A batch therefore (1) drops duplicates within itself, (2) anti-joins against every id already in
+the store except its own folder, (3) OVERWRITES its own folder. Re-running batch n rewrites the
+same rows; a new event id is stored once. The query id in the path keeps a deleted-and-restarted
+checkpoint (whose batch ids start again at 0) from overwriting the old batches.
+
+The state file is small JSON written atomically (temp file + rename) after the batch folder;
+`last_batch` lets a re-run batch replace its own count instead of adding it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+log = logging.getLogger(__name__)
+
+# The stored columns: the `Sale` fields, then where each event was read.
+SALES_SCHEMA = (
+    "event_id string, user_id string, product_id string, quantity int, event_time timestamp, "
+    "unit_price double, invoice_id string, description string, country string, "
+    "source_topic string, source_partition int, source_offset long"
+)
+STORED_SCHEMA = SALES_SCHEMA + ", query_id string, batch_id int"  # plus the folder names
+
+
+# --- small files on any Hadoop file system ---------------------------------------------------------
+def _jvm_path(spark: SparkSession, path: str) -> tuple[Any, Any]:
+    jvm = spark.sparkContext._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    return fs, p
+
+
+def exists(spark: SparkSession, path: str) -> bool:
+    fs, p = _jvm_path(spark, path)
+    return bool(fs.exists(p))
+
+
+def read_text(spark: SparkSession, path: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    fs, p = _jvm_path(spark, path)
+    if not fs.exists(p):
+        return None
+    stream = fs.open(p)
+    try:
+        return spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Replace the file atomically: write a temp file beside it, then rename over it."""
+    fs, p = _jvm_path(spark, path)
+    jvm = spark.sparkContext._jvm
+    tmp = jvm.org.apache.hadoop.fs.Path(f"{path}.tmp-{time.time_ns()}")
+    out = fs.create(tmp, True)
+    try:
+        out.write(bytearray(text.encode()))
+    finally:
+        out.close()
+    if not fs.rename(tmp, p):  # HDFS does not rename over an existing file
+        fs.delete(p, False)
+        if not fs.rename(tmp, p):
+            raise OSError(f"cannot rename {tmp} to {path}")
+
+
+def list_names(spark: SparkSession, path: str) -> list[str]:
+    """Names of the entries of a folder (empty when it does not exist)."""
+    fs, p = _jvm_path(spark, path)
+    if not fs.exists(p):
+        return []
+    return [s.getPath().getName() for s in fs.listStatus(p)]
+
+
+# --- the threshold state ---------------------------------------------------------------------------
+@dataclass
+class StoreState:
+    """Counters that survive restarts; `events - events_at_model` is the progress to retrain."""
+
+    events: int = 0  # valid, unique events in the store
+    events_at_model: int = 0  # `events` when the last model was trained on the store
+    last_model_at: float | None = None  # epoch seconds of the last model
+    pending_since: float | None = None  # epoch seconds of the first event after the last model
+    last_batch: str | None = None  # "<query id>/<batch id>" of the last batch counted
+    last_batch_new: int = 0  # new events that batch added
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def since_model(self) -> int:
+        return self.events - self.events_at_model
+
+    def count_batch(self, key: str, new: int, now: float) -> None:
+        """Add a batch's new events; a batch counted before (re-run after a crash) replaces its
+        count instead of adding it again."""
+        if key == self.last_batch:
+            self.events -= self.last_batch_new
+        self.events += new
+        self.last_batch, self.last_batch_new = key, new
+        if new and self.pending_since is None:
+            self.pending_since = now
+
+    def model_trained(self, events: int, now: float) -> None:
+        self.events_at_model = events
+        self.last_model_at = now
+        self.pending_since = None if self.events == events else now
+
+
+class Store:
+    """The accumulated sales under `root` (a Hadoop path string)."""
+
+    def __init__(self, spark: SparkSession, root: str) -> None:
+        self.spark = spark
+        self.root = root.rstrip("/")
+        self.sales_path = f"{self.root}/sales"
+        self.state_path = f"{self.root}/_state.json"
+
+    # -- reading --
+    def has_data(self) -> bool:
+        return any(n.startswith("query_id=") for n in list_names(self.spark, self.sales_path))
+
+    def read(self) -> DataFrame:
+        """Every stored event (plus the partition columns query_id, batch_id)."""
+        if not self.has_data():
+            return self.spark.createDataFrame([], STORED_SCHEMA)
+        # The schema is given, so no footer is read to infer it (and every batch agrees).
+        return (
+            self.spark.read.schema(STORED_SCHEMA)
+            .option("basePath", self.sales_path)
+            .parquet(self.sales_path)
+        )
+
+    def count(self) -> int:
+        return self.read().count() if self.has_data() else 0
+
+    def batch_path(self, query_id: str, batch_id: int) -> str:
+        return f"{self.sales_path}/query_id={query_id}/batch_id={batch_id}"
+
+    # -- writing --
+    def append_batch(self, good: DataFrame, query_id: str, batch_id: int) -> int:
+        """Store the events of `good` not stored yet, in the batch's own folder (overwritten if a
+        crashed run left it); returns how many new events it holds."""
+        fresh = good.dropDuplicates(["event_id"])
+        if self.has_data():
+            mine = (F.col("query_id") == query_id) & (F.col("batch_id") == batch_id)
+            stored = self.read().where(~mine).select("event_id")
+            fresh = fresh.join(stored, "event_id", "left_anti")
+        path = self.batch_path(query_id, batch_id)
+        fresh.select(*[c.split()[0] for c in SALES_SCHEMA.split(", ")]).write.mode(
+            "overwrite"
+        ).parquet(path)
+        return self.spark.read.parquet(path).count()
+
+    # -- state --
+    def load_state(self) -> StoreState:
+        """The saved counters; without a state file (first run, or lost) they are rebuilt from
+        the stored events."""
+        text = read_text(self.spark, self.state_path)
+        if text is None:
+            state = StoreState(events=self.count())
+            if state.events:
+                log.warning("store %s has %d events and no state file: counting them as new",
+                            self.root, state.events)
+                state.pending_since = time.time()
+            return state
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in StoreState.__dataclass_fields__}
+        return StoreState(**known)
+
+    def save_state(self, state: StoreState) -> None:
+        write_text(self.spark, self.state_path, json.dumps(asdict(state), indent=1))
+
+
+def offset_ranges(sales: DataFrame) -> list[dict[str, Any]]:
+    """Per topic and partition, the first and last (inclusive) Kafka offset of the events."""
+    if "source_offset" not in sales.columns:
+        return []
+    rows = (
+        sales.where(F.col("source_topic").isNotNull())
+        .groupBy("source_topic", "source_partition")
+        .agg(F.min("source_offset").alias("lo"), F.max("source_offset").alias("hi"))
+        .orderBy("source_topic", "source_partition")
+        .collect()
+    )
+    return [
+        {"topic": r["source_topic"], "partition": int(r["source_partition"]),
+         "from_offset": int(r["lo"]), "to_offset": int(r["hi"])}
+        for r in rows
+    ]

@@ -36,7 +36,7 @@ SOURCE_COLUMNS = ("source_topic", "source_partition", "source_offset")
 
 # Spark 4.1.1's DataSource V2 Kafka stream (KafkaMicroBatchStream) fails the query with a
 # NullPointerException in its progress metrics when the first batch after a restart is the re-run
-# of an uncommitted one (SPARK-55271, fixed after 4.1.1) -- exactly the crash recovery this job
+# of an uncommitted one (a known 4.1.1 bug, SPARK-55271) -- exactly the crash recovery this job
 # relies on. The V1 source reads the same offsets and checkpoint format without that code path;
 # the lag we log comes from the progress report's end and latest offsets instead.
 _V1_KAFKA = "org.apache.spark.sql.kafka010.KafkaSourceProvider"

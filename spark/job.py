@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +54,10 @@ class StopRequested(RuntimeError):
 class Models:
     """The monotonic model version, shared by `recsys stream` and `recsys train`.
 
-    `<models>/LATEST` holds the last PUBLISHED version; without it, the highest numbered model
-    folder counts. A cycle re-run after a crash before LATEST was written reuses its version (the
-    pipeline overwrites the folder, the published ids are the same).
+    `<models>/LATEST` holds the last PUBLISHED version; without it (a first run, or the file
+    lost), the highest numbered model folder counts. A cycle re-run after a crash before LATEST
+    was written reuses its version: the pipeline overwrites the folder and the published ids are
+    the same.
     """
 
     def __init__(self, spark: SparkSession, root: str) -> None:
@@ -174,7 +174,6 @@ class StreamJob:
         self._ready = threading.Event()
         self._retry_at = 0.0
         self._last_progress = -1
-        self._watermarks: Any = None  # a confluent Consumer asked for end offsets (lag)
 
     # -- life cycle --
     def start(self, available_now: bool = False) -> StreamingQuery:
@@ -206,28 +205,23 @@ class StreamJob:
         """Wait for the query (or `stop`), checking max-wait and logging progress; 0 when the
         query ended or was stopped cleanly, 1 when it failed."""
         assert self.query is not None, "start() first"
-        try:
-            while not stop.wait(1.0):
-                self._log_progress()
-                if not self.query.isActive:
-                    failure = self.query.exception()
-                    if failure is not None and not self._stopping:
-                        log.error("query failed: %s", failure)
-                        return 1
-                    log.info("query finished; %d/%d new events toward the next model",
-                             self.state.since_model, self.settings.train_threshold)
-                    return 0
-                if self.settings.train_max_wait_seconds and self._lock.acquire(blocking=False):
-                    try:
-                        self._maybe_train(time.time())
-                    finally:
-                        self._lock.release()
-            self.stop()
-            return 0
-        finally:
-            if self._watermarks is not None:
-                self._watermarks.close()
-                self._watermarks = None
+        while not stop.wait(1.0):
+            self._log_progress()
+            if not self.query.isActive:
+                failure = self.query.exception()
+                if failure is not None and not self._stopping:
+                    log.error("query failed: %s", failure)
+                    return 1
+                log.info("query finished; %d/%d new events toward the next model",
+                         self.state.since_model, self.settings.train_threshold)
+                return 0
+            if self.settings.train_max_wait_seconds and self._lock.acquire(blocking=False):
+                try:
+                    self._maybe_train(time.time())
+                finally:
+                    self._lock.release()
+        self.stop()
+        return 0
 
     def stop(self) -> None:
         """Stop after the batch in progress: take the batch lock (waits for it), mark stopping,
@@ -251,35 +245,12 @@ class StreamJob:
         self._last_progress = p["batchId"]
         source = (p.get("sources") or [{}])[0]
         behind = lag(source.get("endOffset"), source.get("latestOffset"))
-        if behind is None:
-            behind = lag(source.get("endOffset"), self._high_watermarks())
         log.info(
             "progress: batch %d, %d rows, input %.0f rows/s, processed %.0f rows/s, lag %s",
             p["batchId"], p.get("numInputRows", 0), p.get("inputRowsPerSecond") or 0.0,
             p.get("processedRowsPerSecond") or 0.0,
             "?" if behind is None else f"{behind} records",
         )
-
-    def _high_watermarks(self) -> dict[str, dict[str, int]] | None:
-        """The sales topic's end offsets, asked of the broker (the V1 source does not report
-        them); None when the broker does not answer in time."""
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-        from recsys.kafka import consumer_config
-
-        topic = self.topics.sales
-        try:
-            if self._watermarks is None:
-                self._watermarks = Consumer(consumer_config(self.settings, "recsys-stream-lag"))
-            parts = self._watermarks.list_topics(topic, timeout=5).topics[topic].partitions
-            return {topic: {
-                str(p): self._watermarks.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=5, cached=False)[1]
-                for p in parts
-            }}
-        except (KafkaException, KeyError) as exc:
-            log.debug("no watermarks for %s: %s", topic, exc)
-            return None
 
     # -- one micro-batch --
     def _batch(self, batch: DataFrame, batch_id: int) -> None:
@@ -328,7 +299,9 @@ class StreamJob:
                 t_dlq = time.perf_counter()
                 new = 0
                 if read > n_bad:  # (2)
-                    new = self.store.append_batch(good, self._query_id, batch_id)
+                    # A hash count of the ids tells whether the sort-based dedupe is needed.
+                    unique = good.select("event_id").distinct().count() == read - n_bad
+                    new = self.store.append_batch(good, self._query_id, batch_id, unique)
                 t_store = time.perf_counter()
             finally:
                 decoded.unpersist()
@@ -499,6 +472,9 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
                                      offset_ranges(sales), started)
             state.model_trained(state.events, time.time())
             store.save_state(state)
+    except ValueError as exc:  # nothing to train on, a bad CSV mapping
+        print(f"recsys train: {exc}", file=sys.stderr)
+        return 1
     finally:
         spark.stop()
     mr = done.model_ready
@@ -510,5 +486,5 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
     for name in sorted(metrics):
         print(f"  {name:<18} {metrics[name]:.4f}   popularity {base.get(name, float('nan')):.4f}")
     print(f"  cycle {done.cycle_seconds:.1f} s, ALS.fit {mr['train_seconds']:.1f} s, "
-          f"trained at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
+          f"trained at {mr['trained_at']:%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
     return 0

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ SALES_SCHEMA = (
     "unit_price double, invoice_id string, description string, country string, "
     "source_topic string, source_partition int, source_offset long"
 )
+SALES_COLUMNS = [c.split()[0] for c in SALES_SCHEMA.split(", ")]
 STORED_SCHEMA = SALES_SCHEMA + ", query_id string, batch_id int"  # plus the folder names
 
 
@@ -151,19 +152,29 @@ class Store:
         return f"{self.sales_path}/query_id={query_id}/batch_id={batch_id}"
 
     # -- writing --
-    def append_batch(self, good: DataFrame, query_id: str, batch_id: int) -> int:
+    def append_batch(
+        self, good: DataFrame, query_id: str, batch_id: int, unique: bool = False
+    ) -> int:
         """Store the events of `good` not stored yet, in the batch's own folder (overwritten if a
-        crashed run left it); returns how many new events it holds."""
-        fresh = good.dropDuplicates(["event_id"])
+        crashed run left it); returns how many new events it holds.
+
+        `unique`: the caller checked that `good` has no event id twice (then the costly
+        in-batch dedupe, a sort of every row, is skipped). Against the store, the batch's ids
+        are broadcast and probed while scanning the stored ids (no shuffle of the store, which
+        only grows); the few already stored are then broadcast out of the batch.
+        """
+        fresh = good if unique else good.dropDuplicates(["event_id"])
         if self.has_data():
             mine = (F.col("query_id") == query_id) & (F.col("batch_id") == batch_id)
             stored = self.read().where(~mine).select("event_id")
-            fresh = fresh.join(stored, "event_id", "left_anti")
+            taken = stored.join(F.broadcast(good.select("event_id")), "event_id", "left_semi")
+            fresh = fresh.join(F.broadcast(taken), "event_id", "left_anti")
         path = self.batch_path(query_id, batch_id)
-        fresh.select(*[c.split()[0] for c in SALES_SCHEMA.split(", ")]).write.mode(
+        written = Observation(f"store-{query_id}-{batch_id}")  # counted while writing
+        fresh.select(*SALES_COLUMNS).observe(written, F.count(F.lit(1)).alias("n")).write.mode(
             "overwrite"
         ).parquet(path)
-        return self.spark.read.parquet(path).count()
+        return int(written.get["n"])
 
     # -- state --
     def load_state(self) -> StoreState:

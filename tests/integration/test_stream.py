@@ -368,3 +368,27 @@ def test_sigterm_stops_cleanly_after_the_batch_in_progress(settings, unique, tmp
     # The counters agree with the store: nothing half-counted.
     stored = Store(spark, settings.store).count()
     assert _state(settings)["events"] == stored > 0
+
+
+def test_max_wait_trains_below_the_threshold(settings, unique, spark):
+    """A trickle that never reaches the threshold still gets a model after max-wait."""
+    topics = make_topics(settings, unique)
+    s = job_settings(settings, train_threshold=1_000_000, train_max_wait_seconds=2)
+    producer = Producer(producer_config(s))
+    for i in range(300):
+        producer.produce(topics.sales, _sale(i), f"u{i % 7}")
+    assert producer.flush(30) == 0
+    job = StreamJob(spark, s, topics)
+    job.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=job.run, args=(stop,))  # the main loop checks max-wait
+    runner.start()
+    try:
+        ready = wait_for("a max_wait model", lambda: decoded(s, topics.model_ready),
+                         timeout=150, every=2)
+    finally:
+        stop.set()
+        runner.join(120)
+    assert [(r["model_version"], r["trigger"], r["events"]) for r in ready] == [
+        (1, "max_wait", 300)]
+    assert job.state.since_model == 0

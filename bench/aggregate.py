@@ -23,11 +23,9 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -221,42 +219,36 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(asyncio.run(_load(args.load, args.rate, args.seconds))))
         return
 
+    from bench._broker import scratch_broker
     from recsys import logs
-    from recsys.broker import LocalBroker, free_port
     from recsys.topics import create_topics
 
     logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-bench-aggregate-"))
-    broker = LocalBroker(tmp / "kafka", free_port(), die_with_parent=True)
     worker: subprocess.Popen | None = None
-    try:
-        broker.start()
-        settings = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp / "var"))
-        create_topics(settings)
-        produce(settings, args.sales)
-        raw = drain(settings, args.sales, decode=False)
-        plain = drain(settings, args.sales, decode=True)
-        ours, worker, port = agent_rate(settings, args.sales, tmp)
-        print(f"aggregate: faust agent {ours:,.0f} events/s / plain aiokafka consumer "
-              f"{plain:,.0f} events/s = {ours / plain:.2f}  ({args.sales:,} sales, decoded with "
-              f"the same codec; without decoding the consumer reads {raw:,.0f}/s; "
-              f"target >= 0.3)", flush=True)
-        lat = api_latency(port, args.rate, args.seconds)
-        print(f"aggregate_api: p99 {lat['p99_ms']:.2f} ms / target 10 ms = "
-              f"{lat['p99_ms'] / 10:.2f}  ({lat['ok']:,} of {lat['sent']:,} requests answered at "
-              f"{args.rate:.0f}/s from a second process, {lat['errors']} errors, p50 "
-              f"{lat['p50_ms']:.2f} ms, max {lat['max_ms']:.1f} ms; target <= 1)", flush=True)
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+    with scratch_broker("aggregate") as (broker, tmp):
         try:
-            broker.stop()
+            settings = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp / "var"))
+            create_topics(settings)
+            produce(settings, args.sales)
+            raw = drain(settings, args.sales, decode=False)
+            plain = drain(settings, args.sales, decode=True)
+            ours, worker, port = agent_rate(settings, args.sales, tmp)
+            print(f"aggregate: faust agent {ours:,.0f} events/s / plain aiokafka consumer "
+                  f"{plain:,.0f} events/s = {ours / plain:.2f}  ({args.sales:,} sales, decoded with "
+                  f"the same codec; without decoding the consumer reads {raw:,.0f}/s; "
+                  f"target >= 0.3)", flush=True)
+            lat = api_latency(port, args.rate, args.seconds)
+            print(f"aggregate_api: p99 {lat['p99_ms']:.2f} ms / target 10 ms = "
+                  f"{lat['p99_ms'] / 10:.2f}  ({lat['ok']:,} of {lat['sent']:,} requests answered at "
+                  f"{args.rate:.0f}/s from a second process, {lat['errors']} errors, p50 "
+                  f"{lat['p50_ms']:.2f} ms, max {lat['max_ms']:.1f} ms; target <= 1)", flush=True)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if worker is not None and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
 
 
 if __name__ == "__main__":

@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from recsys.settings import Settings, load
 
@@ -86,15 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     p.add_argument("--limit", type=int, help="replay only the first N rows of the bundled file")
     args = p.parse_args(argv or [])
+    from bench._broker import scratch_broker
     from recsys import logs
     from recsys import topics as topic_admin
-    from recsys.broker import LocalBroker, free_port
 
     logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-bench-ingest-"))
-    broker = LocalBroker(tmp / "kafka", free_port(), die_with_parent=True)
-    try:
-        broker.start()
+    with scratch_broker("ingest") as (broker, tmp):
         settings = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp),
                         train_threshold=10**12)
         prefix = "bench."
@@ -112,11 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         if warm:
             print(f"ingest: spark after the first batch {warm:,.0f} rows/s / plain consumer "
                   f"{plain_rate:,.0f} rows/s = {warm / plain_rate:.2f}")
-    finally:
-        try:
-            broker.stop()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

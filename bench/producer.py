@@ -16,13 +16,11 @@ import gzip
 import logging
 import re
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from bench._broker import scratch_broker
 from recsys import paths
-from recsys.broker import LocalBroker, free_port
 from recsys.kafka import producer_config
 from recsys.settings import Settings, load
 from recsys.topics import create_like
@@ -162,33 +160,28 @@ def encoders(rows: int = 100_000) -> tuple[float, float]:
 
 def main() -> None:
     logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python's event-loop warnings
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-producer-") as tmp:
-        broker = LocalBroker(Path(tmp) / "broker", free_port(), die_with_parent=True)
-        broker.start(timeout=180)
-        try:
-            settings = load(kafka_bootstrap=broker.bootstrap, data_dir=Path(tmp))
-            ours(settings, "warmup", limit=50_000)  # the broker's JIT, page cache, first segments
-            records, size = average_value_size()
-            our_rates, perf_rates = [], []
-            for i in range(REPEAT):  # alternate who goes first: neither always gets the quiet
-                if i % 2:
-                    perf_rates.append(perf_test(settings, f"perf{i}", records, size))
-                our_rates.append(ours(settings, f"ours{i}"))
-                if not i % 2:
-                    perf_rates.append(perf_test(settings, f"perf{i}", records, size))
-            best, yard = max(our_rates), max(perf_rates)
-            print(f"producer: ours {best:,.0f} ev/s / kafka-producer-perf-test {yard:,.0f} ev/s"
-                  f" = {best / yard:.2f}  ({records:,} records of {size} bytes on average, "
-                  f"best of {REPEAT}; runs: ours {_rates(our_rates)}, perf-test "
-                  f"{_rates(perf_rates)})")
-            plain = {"compression.type": "none"}  # kafka-python has no lz4 codec installed
-            confluent = ours(settings, "client-confluent", limit=CLIENT_ROWS, **plain)
-            kp = kafka_python(settings, "client-kafka-python", CLIENT_ROWS)
-            print(f"producer client: confluent-kafka {confluent:,.0f} ev/s / kafka-python "
-                  f"{kp:,.0f} ev/s = {confluent / kp:.2f}  (first {CLIENT_ROWS:,} rows, same "
-                  "loop, acks=all, idempotent, no compression)")
-        finally:
-            broker.stop()
+    with scratch_broker("producer", timeout=180) as (broker, tmp):
+        settings = load(kafka_bootstrap=broker.bootstrap, data_dir=tmp)
+        ours(settings, "warmup", limit=50_000)  # the broker's JIT, page cache, first segments
+        records, size = average_value_size()
+        our_rates, perf_rates = [], []
+        for i in range(REPEAT):  # alternate who goes first: neither always gets the quiet
+            if i % 2:
+                perf_rates.append(perf_test(settings, f"perf{i}", records, size))
+            our_rates.append(ours(settings, f"ours{i}"))
+            if not i % 2:
+                perf_rates.append(perf_test(settings, f"perf{i}", records, size))
+        best, yard = max(our_rates), max(perf_rates)
+        print(f"producer: ours {best:,.0f} ev/s / kafka-producer-perf-test {yard:,.0f} ev/s"
+              f" = {best / yard:.2f}  ({records:,} records of {size} bytes on average, "
+              f"best of {REPEAT}; runs: ours {_rates(our_rates)}, perf-test "
+              f"{_rates(perf_rates)})")
+        plain = {"compression.type": "none"}  # kafka-python has no lz4 codec installed
+        confluent = ours(settings, "client-confluent", limit=CLIENT_ROWS, **plain)
+        kp = kafka_python(settings, "client-kafka-python", CLIENT_ROWS)
+        print(f"producer client: confluent-kafka {confluent:,.0f} ev/s / kafka-python "
+              f"{kp:,.0f} ev/s = {confluent / kp:.2f}  (first {CLIENT_ROWS:,} rows, same "
+              "loop, acks=all, idempotent, no compression)")
     csv_rate, pd_rate = csv_parsers()
     print(f"producer csv parse: csv module {csv_rate:,.0f} rows/s / pandas chunks "
           f"{pd_rate:,.0f} rows/s = {csv_rate / pd_rate:.2f}  (CPU time, to rows of strings)")

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from recsys.settings import Settings, load
 
@@ -52,19 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.retrain", description=__doc__)
     p.add_argument("--limit", type=int, help="replay only the first N rows of the bundled file")
     args = p.parse_args(argv or [])
+    from bench._broker import scratch_broker
     from bench.ingest import produce
     from recsys import logs
     from recsys import topics as topic_admin
-    from recsys.broker import LocalBroker, free_port
     from spark import session
     from spark.job import StreamJob
     from spark.publish import Topics
 
     logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-bench-retrain-"))
-    broker = LocalBroker(tmp / "kafka", free_port(), die_with_parent=True)
-    try:
-        broker.start()
+    with scratch_broker("retrain") as (broker, tmp):
         base = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp))
         prefix = "bench."
         topics = Topics.with_prefix(prefix)
@@ -92,11 +86,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{settings.als_rank}, {settings.als_max_iter} iterations; targets: cycle <= 60 s, "
             "ratio <= 1.5)"
         )
-    finally:
-        try:
-            broker.stop()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

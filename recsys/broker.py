@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recsys import paths
+from recsys.procs import alive, cmdline
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,32 +165,6 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """Running and not a zombie (an unreaped broker must not count as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.parent.exists():
-        try:
-            state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
-    return True
-
-
-def _cmdline(pid: int) -> str | None:
-    """The process's command line; None where there is no /proc to ask (then trust the pid)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return None
-
-
 def new_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, base64url without padding, never starting with '-'."""
     while True:
@@ -271,16 +246,16 @@ class LocalBroker:
     def pid(self) -> int | None:
         """The pid of this folder's running broker (started here or by another process)."""
         if self._proc is not None:
-            if self._proc.poll() is None and _alive(self._proc.pid):
+            if self._proc.poll() is None and alive(self._proc.pid):
                 return self._proc.pid
             self._proc = None
         try:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        if not _alive(pid):
+        if not alive(pid):
             return None
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         if cmd is not None and ("kafka.Kafka" not in cmd or str(self.properties_path) not in cmd):
             return None  # the pid file is stale and the pid now belongs to another process
         return pid
@@ -469,7 +444,7 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 return False
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while alive(pid):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from recsys.procs import alive
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,7 @@ class Service:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+        return pid if alive(pid) else None
 
 
 def service(settings: Settings, name: str) -> Service:
@@ -112,10 +98,10 @@ def stop_role(settings: Settings, name: str, grace: float = 60.0) -> None:
     log.info("stopping %s (pid %d)", name, pid)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         _reap(pid)
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         log.warning("%s did not stop within %.0f s: SIGKILL", name, grace)
         os.kill(pid, signal.SIGKILL)
     _reap(pid)

@@ -8,13 +8,18 @@ times are read in the mapping's zone and stored as UTC.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+# One mapping for both readers (the flags of `produce` and `train --file`), defined beside the
+# producer's row reader.
+from streams.csv_source import CsvMapping
+
+__all__ = ["CsvMapping", "CsvRead", "read_purchases", "read_purchases_csv"]
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +29,6 @@ _STRPTIME_TO_JAVA = {
     "%S": "ss", "%f": "SSSSSS", "%p": "a", "%b": "MMM", "%B": "MMMM", "%j": "DDD",
     "%z": "xx", "%Z": "z", "%%": "%",
 }
-
-
-@dataclass(frozen=True)
-class CsvMapping:
-    """Which CSV column holds which `Sale` field; '' for an optional field means none."""
-
-    user_col: str = "CustomerID"
-    product_col: str = "StockCode"
-    quantity_col: str = "Quantity"
-    time_col: str = "InvoiceDate"
-    price_col: str = "UnitPrice"
-    invoice_col: str = "InvoiceNo"
-    description_col: str = "Description"
-    country_col: str = "Country"
-    time_format: str = "%Y-%m-%d %H:%M:%S"
-    timezone: str = "Europe/London"
-    delimiter: str = ","
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CsvMapping:
-        """The mapping from the shared `--*-col` flags of `produce` and `train --file`."""
-        names = cls.__dataclass_fields__
-        return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 `recsys stream` is a long-running Structured Streaming query on `sales` (Kafka source, checkpoint
 under `settings.checkpoints`). Each micro-batch is handled in foreachBatch (see `StreamJob._batch`
 for the commit order); when the valid events accumulated since the last model reach
-`settings.train_threshold` (or `train_max_wait_seconds` passed with at least one new event), a model
-is trained on ALL accumulated events and published: recommendations first, then model-ready.
+`settings.train_threshold` (or `train_max_wait_seconds` passed with at least one new event, or the
+aggregator's `feedback` says the newest model does worse online than offline, see spark/feedback.py),
+a model is trained on ALL accumulated events and published: recommendations first, then
+model-ready, whose `trigger` says which of them fired.
 
 `recsys train` runs the same training and publishing once, on the store or on a purchases CSV.
 
@@ -34,6 +36,7 @@ from pyspark.sql.streaming import StreamingQuery
 from recsys import settings as settings_mod
 from recsys.settings import Settings
 from spark import ingest, publish
+from spark.feedback import FeedbackWatch, underperforms
 from spark.publish import Topics
 from spark.store import Store, StoreState, list_names, offset_ranges, read_text, write_text
 
@@ -98,11 +101,13 @@ def train_and_publish(
     trigger: str,
     offsets: list[dict[str, Any]],
     started: float | None = None,
+    reason: str | None = None,
 ) -> Published:
     """Train on `sales`, publish recommendations then model-ready, then record the version.
 
     `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
-    there to just before model-ready is sent.
+    there to just before model-ready is sent. `reason` (why the trigger fired, when there is more
+    to say than its name) goes into model-ready's params as `trigger_reason`.
     """
     from spark import pipeline  # heavy imports (MLlib) only when a model is trained
 
@@ -117,6 +122,8 @@ def train_and_publish(
         )
         cycle = time.perf_counter() - started
         record = publish.model_ready_record(result, trigger, offsets, cycle)
+        if reason:
+            record["params"]["trigger_reason"] = reason
         publish.publish_model_ready(record, settings, topics.model_ready)
     finally:
         result.recommendations.unpersist()
@@ -174,6 +181,10 @@ class StreamJob:
         self._ready = threading.Event()
         self._retry_at = 0.0
         self._last_progress = -1
+        self.model_version = 0  # the newest published model (read at start)
+        self.feedback: FeedbackWatch | None = None
+        self._feedback_fired: set[int] = set()  # versions already retrained for their feedback
+        self._reason: str | None = None
 
     # -- life cycle --
     def start(self, available_now: bool = False) -> StreamingQuery:
@@ -181,6 +192,9 @@ class StreamJob:
         stops."""
         self.state = self.store.load_state()
         s = self.settings
+        self.model_version = Models(self.spark, s.models).latest()
+        if s.feedback_retrain_share and self.feedback is None:
+            self.feedback = FeedbackWatch(s, self.topics.feedback).start()
         log.info(
             "stream %s -> %s (checkpoint %s); %d/%d new events toward the next model",
             self.topics.sales, self.store.root, self.checkpoint, self.state.since_model,
@@ -215,7 +229,8 @@ class StreamJob:
                 log.info("query finished; %d/%d new events toward the next model",
                          self.state.since_model, self.settings.train_threshold)
                 return 0
-            if self.settings.train_max_wait_seconds and self._lock.acquire(blocking=False):
+            timed = self.settings.train_max_wait_seconds or self.settings.feedback_retrain_share
+            if timed and self._lock.acquire(blocking=False):
                 try:
                     self._maybe_train(time.time())
                 finally:
@@ -230,6 +245,8 @@ class StreamJob:
         log.info("stopping after the batch in progress")
         with self._lock:
             self._stopping = True
+        if self.feedback is not None:
+            self.feedback.stop()
         if self.query is not None and self.query.isActive:
             try:
                 self.query.stop()
@@ -335,14 +352,26 @@ class StreamJob:
 
     # -- the trigger --
     def due(self, now: float) -> str | None:
-        """"threshold", "max_wait" or None: should a model be trained now?"""
+        """"threshold", "max_wait", "feedback" or None: should a model be trained now?
+
+        Every trigger but the threshold needs at least one new event (the same data would give
+        the same model); feedback fires once per model version.
+        """
         s, since = self.settings, self.state.since_model
+        self._reason = None
         if since >= s.train_threshold:
             return "threshold"
         if s.train_max_wait_seconds and since >= 1:
             ref = self.state.last_model_at or self.state.pending_since or now
             if now - ref >= s.train_max_wait_seconds:
                 return "max_wait"
+        version = self.model_version
+        if self.feedback is not None and since >= 1 and version not in self._feedback_fired:
+            record = self.feedback.latest(version)
+            reason = record and underperforms(record, s.feedback_retrain_share)
+            if reason:
+                self._reason = reason
+                return "feedback"
         return None
 
     def _maybe_train(self, now: float) -> None:
@@ -350,19 +379,24 @@ class StreamJob:
         if trigger is None or now < self._retry_at:
             return
         started = time.perf_counter()
-        log.info("%s reached: %d new events since the last model (threshold %d)", trigger,
-                 self.state.since_model, self.settings.train_threshold)
+        reason = self._reason
+        log.info("%s reached: %d new events since the last model (threshold %d)%s", trigger,
+                 self.state.since_model, self.settings.train_threshold,
+                 f"; {reason}" if reason else "")
+        if trigger == "feedback":
+            self._feedback_fired.add(self.model_version)
         try:
             sales = self.store.read()
             offsets = offset_ranges(sales)
             done = train_and_publish(self.spark, self.settings, self.topics, sales, trigger,
-                                     offsets, started)
+                                     offsets, started, reason)
         except Exception:
             self._retry_at = time.time() + TRAIN_RETRY_SECONDS
             log.exception("training failed; ingest goes on, next attempt in %.0f s",
                           TRAIN_RETRY_SECONDS)
             return
         self.published.append(done)
+        self.model_version = int(done.model_ready["model_version"])
         self.state.model_trained(self.state.events, time.time())
         self.store.save_state(self.state)
 
@@ -411,8 +445,10 @@ def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
         max_offsets_per_trigger=args.max_offsets,
     )
     topics = _topics(args)
-    problem = check_topics(settings, [topics.sales, topics.dlq, topics.model_ready,
-                                      topics.recommendations])
+    needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations]
+    if settings.feedback_retrain_share:
+        needed.append(topics.feedback)
+    problem = check_topics(settings, needed)
     if problem:
         print(f"recsys stream: {problem}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ class Topics:
     dlq: str = topics.SALES_DLQ
     model_ready: str = topics.MODEL_READY
     recommendations: str = topics.RECOMMENDATIONS
+    feedback: str = topics.FEEDBACK  # read: the aggregator's online feedback (early retrain)
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:

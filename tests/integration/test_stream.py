@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5,
 def make_topics(settings: Settings, unique: str) -> Topics:
     prefix = f"t{unique}."
     used = [declared.topic(n) for n in (declared.SALES, declared.SALES_DLQ, declared.MODEL_READY,
-                                        declared.RECOMMENDATIONS)]
+                                        declared.RECOMMENDATIONS, declared.FEEDBACK)]
     create_topics(settings, topics=used, names=renamed(prefix, topics=used))
     return Topics.with_prefix(prefix)
 
@@ -392,3 +393,39 @@ def test_max_wait_trains_below_the_threshold(settings, unique, spark):
     assert [(r["model_version"], r["trigger"], r["events"]) for r in ready] == [
         (1, "max_wait", 300)]
     assert job.state.since_model == 0
+
+
+def test_low_online_precision_retrains_early(settings, unique, spark):
+    """Feedback below the share of the offline precision trains the next model before the
+    threshold; model-ready says why."""
+    topics = make_topics(settings, unique)
+    s = job_settings(settings, train_threshold=300, feedback_retrain_share=0.5)
+    producer = Producer(producer_config(s))
+    for i in range(300):
+        producer.produce(topics.sales, _sale(i), f"u{i % 7}")
+    assert producer.flush(30) == 0
+    job = StreamJob(spark, s, topics)
+    job.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=job.run, args=(stop,))  # the main loop checks feedback
+    runner.start()
+    try:
+        wait_for("model 1", lambda: decoded(s, topics.model_ready), timeout=150, every=2)
+        now = datetime.now(UTC)
+        producer.produce(topics.feedback, codec.encode("Feedback", {
+            "id": "1:a:b:200:1", "model_version": 1, "window_start": now, "window_end": now,
+            "sales": 200, "users": 40, "hits": 1, "hit_pairs": 1, "hit_rate": 0.005,
+            "precision_at_k": 0.0025, "k": 5, "offline_precision_at_k": 0.2,
+            "published_at": now}), b"1")
+        for i in range(300, 310):  # below the threshold: only the feedback can trigger
+            producer.produce(topics.sales, _sale(i), f"u{i % 7}")
+        assert producer.flush(30) == 0
+        ready = wait_for("a feedback model", lambda: (r := decoded(s, topics.model_ready))
+                         and len(r) >= 2 and r, timeout=150, every=2)
+    finally:
+        stop.set()
+        runner.join(120)
+    assert [(r["model_version"], r["trigger"], r["events"]) for r in ready] == [
+        (1, "threshold", 300), (2, "feedback", 310)]
+    assert "online precision@5 0.0025 < 0.5 x offline 0.2000" in ready[1]["params"][
+        "trigger_reason"]

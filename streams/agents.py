@@ -70,13 +70,21 @@ class Aggregation:
         topics: Topics,
         flush: Callable[[], Awaitable[None]],
         send: Send = _send_via_topic,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.tables = tables
         self.state = state
         self.topics = topics
-        self.flush = flush
+        self.flush = flush  # table writes durable on the broker (the fold's barrier)
         self.send = send
+        self.drain = drain  # table writes handed to the Kafka client (before a batch is acked)
+
+    async def settle(self) -> None:
+        """Run at the end of every batch, before Faust acks its events: the batch's table writes
+        are with the Kafka client, so the flush that precedes Faust's commit includes them."""
+        if self.drain is not None:
+            await self.drain()
 
     # --- dead letters out ------------------------------------------------------------------------
     async def dead_letter(self, event: Any, reason: str, data: bytes | None) -> None:
@@ -336,22 +344,30 @@ def register(app: Any, settings: Settings, topics: Topics, agg: Aggregation) -> 
     @app.agent(topics.sales, name="sales")
     async def sales_agent(stream: Any) -> Any:
         async for events in stream.take_events(BATCH, WITHIN):
-            yield await agg.on_sales(events)
+            done = await agg.on_sales(events)
+            await agg.settle()
+            yield done
 
     @app.agent(topics.recommendations, name="recommendations")
     async def recommendations_agent(stream: Any) -> Any:
         async for events in stream.take_events(BATCH, WITHIN):
-            yield await agg.on_recommendations(events)
+            done = await agg.on_recommendations(events)
+            await agg.settle()
+            yield done
 
     @app.agent(topics.model_ready, name="model-ready")
     async def models_agent(stream: Any) -> Any:
         async for events in stream.take_events(100, WITHIN):
-            yield await agg.on_models(events)
+            done = await agg.on_models(events)
+            await agg.settle()
+            yield done
 
     @app.agent(topics.dead_letters, name="dead-letters")
     async def dead_letters_agent(stream: Any) -> Any:
         async for events in stream.take_events(BATCH, WITHIN):
-            yield await agg.on_dead_letters(events)
+            done = await agg.on_dead_letters(events)
+            await agg.settle()
+            yield done
 
     @app.timer(settings.feedback_interval_seconds, name="publish-feedback")
     async def publish_feedback() -> None:

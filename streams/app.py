@@ -100,6 +100,19 @@ def broker_partitions(settings: Settings, topic_prefix: str = "", timeout: float
     return out
 
 
+async def drain_buffer(producer: Any) -> None:
+    """Hand every buffered message (table changelog writes) to the Kafka client.
+
+    Faust's own `ProducerBuffer.flush` returns as soon as no message left the buffer for 0.1 s,
+    which happens under CPU load; a commit could then cover a batch whose changelog record was
+    still in the buffer. Looping until the buffer is empty makes it a barrier; the client's own
+    flush (which waits for the broker's acks) follows in `flush`.
+    """
+    buffer = producer.buffer
+    while buffer.size:
+        await buffer.flush()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -157,15 +170,26 @@ def create_app(
     state = tables_mod.State(horizon_ms(settings.feedback_horizon_seconds),
                              settings.aggregate_keep_models)
 
+    async def drain() -> None:
+        await drain_buffer(app.producer)
+
     async def flush() -> None:
+        await drain_buffer(app.producer)
         await app.producer.flush()
 
-    aggregation = agents_mod.Aggregation(settings, tables, state, topics, flush)
+    aggregation = agents_mod.Aggregation(settings, tables, state, topics, flush, drain=drain)
     agents = agents_mod.register(app, settings, topics, aggregation)
     views.register(app, aggregation)
 
     @tables.sales_batches.on_recover
     async def _recovered() -> None:
+        # Faust resumes the flow to read the changelogs; after this callback it resumes the
+        # input partitions, seeks them to the committed offsets and resumes the flow again, and
+        # resuming CLEARS every agent's input queue (mode's FlowControlEvent.resume). Events
+        # fetched while the seek waits for the broker would be queued, then thrown away: never
+        # processed, never acked, and behind the read offset, so not read again until the next
+        # restart. Suspended here, the flow holds them in the fetcher until that last resume.
+        app.flow_control.suspend()
         try:
             await aggregation.on_recovered()
         except Exception as exc:  # counting on without the views would count wrong: stop

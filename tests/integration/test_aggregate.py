@@ -255,12 +255,6 @@ def expected(settings: Settings, lists: dict[str, list[str]], clock_ms: int) -> 
     }
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 5 stays open): after a SIGKILL mid-ingest the restarted worker can "
-    "skip a few sales it had not yet counted (seen: 9,878 of 9,900) — the 'already folded' replay "
-    "rule in streams/agents.py treats them as counted",
-    strict=False,
-)
 def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp_path: Path):
     rng = random.Random(7)
     port = free_port()

@@ -333,3 +333,49 @@ def test_agents_in_faust_test_context(settings):
     written = {(name, key) for name, key, *_ in changelog if name != "flush"}
     assert ("recs", "u1") in written and ("model_recs", "1:u2") in written
     assert any(name == "sales_batches" for name, _ in written)
+
+
+def test_events_fetched_while_recovery_seeks_are_not_thrown_away(settings):
+    """Faust's recovery order: resume the flow (to read changelogs), call the on_recover
+    callbacks, resume the input partitions and seek them to the committed offsets, then resume
+    the flow once more, which clears every agent's input queue. An event fetched during that
+    seek (a slow broker round trip) must wait at the flow control, not sit in a queue that the
+    last resume empties (it was lost: never counted, never acked)."""
+    from streams.app import create_app
+
+    async def scenario() -> list[Any]:
+        aggregator = create_app(settings, web=False)
+        app = aggregator.app
+        app.finalize()
+        queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)  # an agent's input
+        app.flow_control.resume()  # "Resuming flow..." to read the changelogs
+        await aggregator.tables.sales_batches.call_recover_callbacks()
+
+        async def deliver(event: str) -> None:  # what Conductor.on_message does per event
+            await app.flow_control.acquire()
+            queue.put_nowait(event)
+
+        fetched = asyncio.ensure_future(deliver("sales[0]@563"))
+        await asyncio.sleep(0.01)  # the seek to the committed offsets is under way
+        app.flow_control.resume()  # after the seek: clears the queues
+        await asyncio.wait_for(fetched, 1)
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert run(scenario()) == ["sales[0]@563"]
+
+
+def test_drain_buffer_waits_until_faust_buffer_is_empty():
+    """Faust's buffer flush gives up after 0.1 s without progress; drain_buffer loops until
+    every buffered changelog write has been handed to the client."""
+    from streams.app import drain_buffer
+
+    class SlowBuffer:
+        size = 3
+
+        async def flush(self) -> None:  # like Faust's under load: one message, then gives up
+            await asyncio.sleep(0)
+            self.size -= 1
+
+    producer = SimpleNamespace(buffer=SlowBuffer())
+    run(drain_buffer(producer))
+    assert producer.buffer.size == 0

@@ -15,6 +15,12 @@ RMSE is on test pairs whose user and product both appear in training. In implici
 preference p = 1 for every bought pair (the quantity only weighs the confidence), so the RMSE
 compares the predicted preference with 1; comparing it with log1p(quantity) would mix two scales.
 In explicit mode it compares the predicted rating with the test rating.
+
+Two ways to compute all this, with the same definitions, chosen by size like `spark.recommend`:
+- driver (while train + test have at most `DRIVER_MAX_PAIRS` pairs): a few collects (both
+  matrices grouped by user, the factors) and numpy/Python. On the bundled data this takes about a
+  second, where the Spark way runs some thirty small jobs (~10 s on two cores);
+- Spark (larger data): joins and aggregations, nothing big on the driver.
 """
 
 from __future__ import annotations
@@ -22,13 +28,56 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from spark import recommend
+
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("rmse", "precision_at_k", "recall_at_k", "ndcg_at_k", "map_at_k", "coverage")
+# Train + test pairs up to this many are evaluated on the driver (a few MB of Python objects).
+DRIVER_MAX_PAIRS = 2_000_000
+
+
+def on_driver(pairs: int, rank: int) -> bool:
+    """Whether `pairs` train + test pairs (and factors of `rank`) are small enough for the driver;
+    users and items are each at most `pairs`."""
+    return pairs <= DRIVER_MAX_PAIRS and pairs * rank <= recommend.DRIVER_MAX_FLOATS
+
+
+def model_and_baseline(
+    model: ALSModel, train: DataFrame, test: DataFrame, k: int, implicit: bool, driver: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The metrics of `model` (fitted on `train`) and of the popularity baseline on `test`; each
+    dict has the METRIC_NAMES and "eval_users". `driver`: see `on_driver`."""
+    if driver:
+        return _model_and_baseline_driver(model, train, test, k, implicit)
+    return _model_and_baseline_spark(model, train, test, k, implicit)
+
+
+# --- Spark ----------------------------------------------------------------------------------------
+
+
+def _model_and_baseline_spark(
+    model: ALSModel, train: DataFrame, test: DataFrame, k: int, implicit: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    relevant = relevant_items(train, test).cache()
+    eval_users = relevant.select("user").distinct().cache()
+    bought = recommend.bought_lists(train).cache()
+    popular = recommend.popularity(train).cache()
+    catalog = popular.count()  # the train catalogue, as coverage counts it
+    recs = recommend.top_items(model, eval_users, k, bought).cache()
+    metrics = ranking_metrics(recs, relevant, k, catalog)
+    metrics["rmse"] = model_rmse(model, test, implicit)
+    popular_recs = recommend.top_popular(popular, eval_users, k, bought)
+    baseline = ranking_metrics(popular_recs, relevant, k, catalog)
+    baseline["rmse"] = popularity_rmse(train, test, implicit)
+    for df in (recs, popular, bought, relevant, eval_users):
+        df.unpersist()
+    return metrics, baseline
 
 
 def relevant_items(train: DataFrame, test: DataFrame) -> DataFrame:
@@ -148,3 +197,140 @@ def popularity_rmse(train: DataFrame, test: DataFrame, implicit: bool) -> float:
         .select(F.col("prediction").cast("double"), _label(test, implicit).alias("label"))
     )
     return rmse(scored)
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def _by_user(matrix: DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """user -> (items, ratings) of the matrix's rows, in one collect of one row per user."""
+    pairs = F.sort_array(F.collect_list(F.struct("item", "rating")))
+    rows = (
+        matrix.groupBy("user")
+        .agg(pairs.alias("p"))
+        .select("user", F.col("p.item").alias("items"), F.col("p.rating").alias("ratings"))
+        .collect()
+    )
+    return {
+        r["user"]: (np.array(r["items"], dtype=np.int64), np.array(r["ratings"], dtype=np.float64))
+        for r in rows
+    }
+
+
+def ranking_metrics_local(
+    recs: dict[int, list[int]], relevant: dict[int, set[int]], k: int, catalog_size: int
+) -> dict[str, float]:
+    """`ranking_metrics` on the driver: `recs` user -> items best first, `relevant` user -> items
+    (its keys are the evaluated users); the same definitions, the same result."""
+    sums = {"precision": 0.0, "recall": 0.0, "ndcg": 0.0, "map": 0.0}
+    covered: set[int] = set()
+    for user, rel in relevant.items():
+        top = recs.get(user, [])[:k]
+        covered.update(top)
+        hits, dcg, ap = 0, 0.0, 0.0
+        for rank, item in enumerate(top, start=1):
+            if item in rel:
+                hits += 1
+                dcg += 1.0 / math.log2(rank + 1)
+                ap += hits / rank
+        n_rel = len(rel)
+        sums["precision"] += hits / k
+        sums["recall"] += hits / n_rel
+        sums["ndcg"] += dcg / sum(1.0 / math.log2(i + 1) for i in range(1, min(n_rel, k) + 1))
+        sums["map"] += ap / min(n_rel, k)
+    users = len(relevant)
+    nan = float("nan")
+    return {
+        **{f"{name}_at_k": total / users if users else nan for name, total in sums.items()},
+        "coverage": len(covered) / catalog_size if catalog_size else nan,
+        "eval_users": float(users),
+    }
+
+
+def rmse_local(prediction: np.ndarray, label: np.ndarray) -> float:
+    """`rmse` of two arrays; NaN when empty."""
+    if len(prediction) == 0:
+        return float("nan")
+    diff = np.asarray(prediction, dtype=np.float64) - np.asarray(label, dtype=np.float64)
+    return float(np.sqrt(np.mean(diff**2)))
+
+
+def _model_and_baseline_driver(
+    model: ALSModel, train: DataFrame, test: DataFrame, k: int, implicit: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    train_by_user, test_by_user = _by_user(train), _by_user(test)
+    bought = {user: set(items.tolist()) for user, (items, _) in train_by_user.items()}
+    relevant = {}  # new purchases of known users, as in `relevant_items`
+    for user, (items, _) in test_by_user.items():
+        new = set(items.tolist()) - bought[user] if user in bought else set()
+        if new:
+            relevant[user] = new
+    # Distinct train buyers per item id (as in `recommend.popularity`); the catalogue has > 0.
+    buyers = np.bincount(np.fromiter((i for b in bought.values() for i in b), np.int64))
+    catalog = int(np.count_nonzero(buyers))
+    item_factors = recommend.Factors(model.itemFactors)
+    user_factors = recommend.Factors(model.userFactors)
+
+    model_recs = _model_top(user_factors, item_factors, bought, list(relevant), k)
+    metrics = ranking_metrics_local(model_recs, relevant, k, catalog)
+    popular_recs = _popular_top(buyers, bought, list(relevant), k)
+    baseline = ranking_metrics_local(popular_recs, relevant, k, catalog)
+
+    # RMSE on the test rows of users known to train; the model also needs the item known to it,
+    # popularity an item with train buyers (the same items: ALS knows exactly the train items).
+    users, items, labels = [], [], []
+    for user, (test_items, ratings) in test_by_user.items():
+        if user in bought:
+            users += [user] * len(test_items)
+            items += test_items.tolist()
+            labels += [1.0] * len(test_items) if implicit else ratings.tolist()
+    users_a, items_a, labels_a = np.array(users, int), np.array(items, int), np.array(labels)
+    u_rows, i_rows = user_factors.rows_of(users_a), item_factors.rows_of(items_a)
+    known = (u_rows >= 0) & (i_rows >= 0)
+    predicted = np.einsum(
+        "ij,ij->i", user_factors.matrix[u_rows[known]], item_factors.matrix[i_rows[known]]
+    )
+    metrics["rmse"] = rmse_local(predicted, labels_a[known])
+    in_train = items_a < len(buyers)
+    in_train[in_train] = buyers[items_a[in_train]] > 0
+    if implicit:  # the share of train users who bought the product
+        item_pred = buyers / max(len(bought), 1)
+    else:  # the product's mean train rating
+        rated = np.concatenate([i for i, _ in train_by_user.values()])
+        ratings = np.concatenate([r for _, r in train_by_user.values()])
+        item_pred = np.bincount(rated, weights=ratings) / np.maximum(np.bincount(rated), 1)
+    baseline["rmse"] = rmse_local(item_pred[items_a[in_train]], labels_a[in_train])
+    return metrics, baseline
+
+
+def _model_top(
+    user_factors: recommend.Factors,
+    item_factors: recommend.Factors,
+    bought: dict[int, set[int]],
+    users: list[int],
+    k: int,
+) -> dict[int, list[int]]:
+    """The model's top k of `users`, bought items left out, as `recommend.top_items`."""
+    rows = user_factors.rows_of(np.array(users, dtype=np.int64))
+    users = [u for u, row in zip(users, rows.tolist(), strict=True) if row >= 0]
+    tops = item_factors.top(user_factors.matrix[rows[rows >= 0]], [list(bought[u]) for u in users], k)
+    return {user: items for user, (items, _) in zip(users, tops, strict=True)}
+
+
+def _popular_top(
+    buyers: np.ndarray, bought: dict[int, set[int]], users: list[int], k: int
+) -> dict[int, list[int]]:
+    """The k most bought items each user has not bought (ties by item), as
+    `recommend.top_popular`."""
+    catalog = int(np.count_nonzero(buyers))
+    by_popularity = np.lexsort((np.arange(len(buyers)), -buyers))[:catalog].tolist()
+    out = {}
+    for user in users:
+        mine, top = bought.get(user, set()), []
+        for item in by_popularity:
+            if len(top) == k:
+                break
+            if item not in mine:
+                top.append(item)
+        out[user] = top
+    return out

@@ -52,6 +52,7 @@ def update_index(spark: SparkSession, ids: DataFrame, path: str | Path) -> DataF
     The returned DataFrame is read back from the folder, so callers see exactly what is stored.
     """
     path = str(path)
+    stored = _exists(spark, path)
     existing = load_index(spark, path)
     wanted = ids.select(F.col(ids.columns[0]).cast("string").alias("id")).where("id IS NOT NULL")
     new = wanted.distinct().join(existing.select("id"), "id", "left_anti")
@@ -59,7 +60,7 @@ def update_index(spark: SparkSession, ids: DataFrame, path: str | Path) -> DataF
     new = new.localCheckpoint(eager=True)
     added = new.count()
     if added:
-        start = existing.agg(F.max("idx")).first()[0]
+        start = existing.agg(F.max("idx")).first()[0] if stored else None
         start = -1 if start is None else int(start)
         if start + added >= 2**31 - 1:
             raise OverflowError(f"index {path} is full: ALS ids are 32-bit integers")

@@ -53,16 +53,21 @@ class TrainResult:
 
 
 class _Steps:
-    """Logs the seconds of each step at DEBUG: where a cycle's time goes."""
+    """The seconds of each step of a cycle, logged in one line: where a cycle's time goes."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.last = time.perf_counter()
+        self.done: list[tuple[str, float]] = []
 
     def __call__(self, what: str) -> None:
         now = time.perf_counter()
-        log.debug("%s: %s %.1f s", self.name, what, now - self.last)
+        self.done.append((what, now - self.last))
         self.last = now
+
+    def log(self) -> None:
+        log.info("%s: time by step: %s", self.name,
+                 ", ".join(f"{what} {s:.1f} s" for what, s in self.done))
 
 
 def index_path(settings: Settings, kind: str) -> str:
@@ -75,36 +80,19 @@ def _nan_metrics() -> dict[str, float]:
 
 
 def _evaluate(
-    train_m: DataFrame, test_m: DataFrame, settings: Settings
+    train_m: DataFrame, test_m: DataFrame, pairs: int, settings: Settings
 ) -> tuple[dict[str, float], dict[str, float], float, int]:
     """Fit on train, score the model and popularity on test; (model, baseline, fit s, users)."""
     model, seconds = train.fit(train_m, settings)
-    implicit = settings.als_mode == "implicit"
-    k = settings.eval_k
-    step = _Steps("evaluation")
-    relevant = evaluate.relevant_items(train_m, test_m).cache()
-    eval_users = relevant.select("user").distinct().cache()
-    bought = recommend.bought_lists(train_m).cache()
-    popular = recommend.popularity(train_m).cache()
-    catalog = popular.count()  # the train catalogue, as coverage counts it
-    step("relevant items, bought lists")
-
-    recs = recommend.top_items(model, eval_users, k, bought).cache()
-    recs.count()
-    step("model top-k")
-    metrics = evaluate.ranking_metrics(recs, relevant, k, catalog)
-    step("model ranking metrics")
-    metrics["rmse"] = evaluate.model_rmse(model, test_m, implicit)
-    step("model rmse")
-    popular_recs = recommend.top_popular(popular, eval_users, k, bought)
-    baseline = evaluate.ranking_metrics(popular_recs, relevant, k, catalog)
-    step("popularity ranking metrics")
-    baseline["rmse"] = evaluate.popularity_rmse(train_m, test_m, implicit)
-    step("popularity rmse")
+    started = time.perf_counter()
+    driver = evaluate.on_driver(pairs, settings.als_rank)
+    metrics, baseline = evaluate.model_and_baseline(
+        model, train_m, test_m, settings.eval_k, settings.als_mode == "implicit", driver
+    )
+    log.info("metrics of the model and popularity: %.1f s (on the %s)",
+             time.perf_counter() - started, "driver" if driver else "cluster")
     users = int(metrics.pop("eval_users"))
     baseline.pop("eval_users")
-    for df in (recs, popular, bought, relevant, eval_users):
-        df.unpersist()
     return metrics, baseline, seconds, users
 
 
@@ -136,7 +124,9 @@ def run_training(
     train_pairs, test_pairs = train_m.count(), test_m.count()
     step("split, train and test matrices")
     if train_pairs and test_pairs:
-        metrics, baseline, eval_seconds, eval_users = _evaluate(train_m, test_m, settings)
+        metrics, baseline, eval_seconds, eval_users = _evaluate(
+            train_m, test_m, train_pairs + test_pairs, settings
+        )
     else:
         log.warning("train (%d pairs) or test (%d pairs) is empty: no metrics", train_pairs,
                     test_pairs)
@@ -146,29 +136,33 @@ def run_training(
     step("evaluation (fit included)")
 
     full = prepare.interactions(events, users, products, settings).cache()
-    n_pairs = full.count()
+    counts = full.agg(
+        F.count(F.lit(1)).alias("pairs"),
+        F.countDistinct("user").alias("users"),
+        F.countDistinct("item").alias("products"),
+    ).first()  # one job: it caches `full` too
+    n_pairs = counts["pairs"]
     if not n_pairs:
         raise ValueError("no user-product pair with a positive net quantity")
     step("full matrix")
     model, final_seconds = train.fit(full, settings)
     step("final fit")
     bought = recommend.bought_lists(full) if settings.filter_bought else None
-    long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought)
+    on_driver = counts["products"] * settings.als_rank <= recommend.DRIVER_MAX_FLOATS
+    long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, on_driver)
     recs = recommend.with_ids(long_recs, users, products).cache()
     n_recs = recs.count()
     step("recommendations")
 
     model_path = f"{settings.models.rstrip('/')}/{model_version}"
     model.write().overwrite().save(model_path)
-    counts = full.agg(
-        F.countDistinct("user").alias("users"), F.countDistinct("item").alias("products")
-    ).first()
     full.unpersist()
     events.unpersist()
     # The factor tables below stay lazy; they re-read the index, where existing ids never change.
     users.unpersist()
     products.unpersist()
     step("model saved")
+    step.log()
 
     params = train.als_params(settings) | {
         "split": settings.split,

@@ -74,32 +74,77 @@ def top_items(
     return _top_items_spark(model, users, n, bought)
 
 
+class Factors:
+    """ALS factors (`model.itemFactors` or `userFactors`) on the driver, a row per id."""
+
+    def __init__(self, factors: DataFrame) -> None:
+        rows = factors.select("id", "features").collect()
+        self.ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
+        self.matrix = np.array([r["features"] for r in rows], dtype=np.float32).reshape(
+            len(rows), -1
+        )
+        # position[item id] = its row in `matrix`, -1 for ids the model does not know.
+        self.position = np.full(int(self.ids.max()) + 1 if len(rows) else 1, -1, dtype=np.int64)
+        self.position[self.ids] = np.arange(len(rows))
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of `ids` in `matrix`; -1 for ids the model does not know."""
+        ids = np.asarray(ids, dtype=np.int64)
+        known = (ids >= 0) & (ids < len(self.position))
+        return np.where(known, self.position[np.where(known, ids, 0)], -1)
+
+    def top(
+        self, users: np.ndarray | list, bought: list, n: int
+    ) -> list[tuple[list[int], list[float]]]:
+        """For item factors: (items, scores) of the best n items of each row of `users` (user
+        factors), best first; the items of `bought[i]` (a list or None) are left out for user i."""
+        keep = min(n, len(self.ids))
+        if keep == 0 or len(users) == 0:
+            return [([], []) for _ in range(len(users))]
+        scores = np.asarray(users, dtype=np.float32).reshape(len(users), -1) @ self.matrix.T
+        for i, items in enumerate(bought):
+            if items:
+                cols = self.rows_of(items)
+                scores[i, cols[cols >= 0]] = -np.inf
+        top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        top_scores = np.take_along_axis(top_scores, order, axis=1)
+        finite = np.isfinite(top_scores)
+        return [
+            (self.ids[top[i][finite[i]]].tolist(), top_scores[i][finite[i]].tolist())
+            for i in range(len(users))
+        ]
+
+
 def _top_items_driver(
     model: ALSModel, users: DataFrame, n: int, bought: DataFrame | None
 ) -> DataFrame:
     """Score users in blocks against all items with one matrix product each, on the driver."""
     spark = users.sparkSession
-    items = model.itemFactors.collect()
-    item_ids = np.fromiter((r["id"] for r in items), dtype=np.int64, count=len(items))
-    item_mat = np.array([r["features"] for r in items], dtype=np.float32).reshape(len(items), -1)
-    position = np.full(int(item_ids.max()) + 1 if len(items) else 1, -1, dtype=np.int64)
-    position[item_ids] = np.arange(len(items))
-    keep = min(n, len(items))
+    items = Factors(model.itemFactors)
     rows = model.userFactors.join(users.withColumnRenamed("user", "id"), "id")
     if bought is not None:
         rows = rows.join(bought.withColumnRenamed("user", "id"), "id", "left")
     else:
         rows = rows.withColumn("bought", F.lit(None).cast("array<int>"))
-    block = max(1, _BLOCK_FLOATS // max(len(items), 1))
+    block = max(1, _BLOCK_FLOATS // max(len(items.ids), 1))
     out: list[tuple[int, list[int], list[float]]] = []
     chunk: list = []
+
+    def score(chunk: list) -> None:
+        tops = items.top([r["features"] for r in chunk], [r["bought"] for r in chunk], n)
+        for r, (top, scores) in zip(chunk, tops, strict=True):
+            out.append((int(r["id"]), top, scores))
+
     for row in rows.select("id", "features", "bought").toLocalIterator(True):
         chunk.append(row)
         if len(chunk) >= block:
-            out.extend(_score_block(chunk, item_ids, item_mat, position, keep))
+            score(chunk)
             chunk = []
     if chunk:
-        out.extend(_score_block(chunk, item_ids, item_mat, position, keep))
+        score(chunk)
     recs = spark.createDataFrame(out, "user int, items array<int>, scores array<double>")
     return recs.select(
         "user", F.posexplode(F.arrays_zip("items", "scores")).alias("pos", "rec")
@@ -109,34 +154,6 @@ def _top_items_driver(
         F.col("rec.scores").alias("score"),
         (F.col("pos") + 1).cast("int").alias("rank"),
     )
-
-
-def _score_block(
-    chunk: list, item_ids: np.ndarray, item_mat: np.ndarray, position: np.ndarray, keep: int
-) -> list[tuple[int, list[int], list[float]]]:
-    """Top `keep` items of each user in the block, bought items scored -inf and left out."""
-    if keep == 0:
-        return [(int(r["id"]), [], []) for r in chunk]
-    users = np.array([r["features"] for r in chunk], dtype=np.float32)
-    scores = users @ item_mat.T
-    for i, r in enumerate(chunk):
-        if r["bought"]:
-            ids = np.asarray(r["bought"], dtype=np.int64)
-            ids = ids[ids < len(position)]
-            cols = position[ids]
-            scores[i, cols[cols >= 0]] = -np.inf
-    top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    top_scores = np.take_along_axis(top_scores, order, axis=1)
-    out = []
-    for i, r in enumerate(chunk):
-        finite = np.isfinite(top_scores[i])
-        out.append(
-            (int(r["id"]), item_ids[top[i][finite]].tolist(), top_scores[i][finite].tolist())
-        )
-    return out
 
 
 def _top_items_spark(

@@ -8,7 +8,8 @@ import math
 import pytest
 from pyspark.mllib.evaluation import RankingMetrics
 
-from spark import evaluate
+from recsys.settings import load
+from spark import evaluate, train
 
 pytestmark = pytest.mark.unit
 
@@ -33,10 +34,30 @@ def _hand_computed() -> dict[str, float]:
     return {f"{m}_at_k": (user1[m] + user2[m] + user3[m]) / 3 for m in user1}
 
 
-def test_ranking_metrics_match_the_hand_computed_values(spark) -> None:
-    recs = spark.createDataFrame(RECS, "user int, item int, rank int")
-    relevant = spark.createDataFrame(RELEVANT, "user int, item int")
-    got = evaluate.ranking_metrics(recs, relevant, k=3, catalog_size=10)
+def _ranking_metrics(spark, recs, relevant, k, catalog_size, on_driver):
+    """`evaluate.ranking_metrics` (Spark) or `ranking_metrics_local` (driver) on the same rows."""
+    if on_driver:
+        lists: dict[int, list[int]] = {}
+        for user, item, _ in sorted(recs, key=lambda r: r[2]):
+            lists.setdefault(user, []).append(item)
+        sets: dict[int, set[int]] = {}
+        for user, item in relevant:
+            sets.setdefault(user, set()).add(item)
+        return evaluate.ranking_metrics_local(lists, sets, k, catalog_size)
+    return evaluate.ranking_metrics(
+        spark.createDataFrame(recs, "user int, item int, rank int"),
+        spark.createDataFrame(relevant, "user int, item int"),
+        k,
+        catalog_size,
+    )
+
+
+both_paths = pytest.mark.parametrize("on_driver", [False, True], ids=["spark", "driver"])
+
+
+@both_paths
+def test_ranking_metrics_match_the_hand_computed_values(spark, on_driver) -> None:
+    got = _ranking_metrics(spark, RECS, RELEVANT, 3, 10, on_driver)
     expected = _hand_computed()
     for name, value in expected.items():
         assert got[name] == pytest.approx(value), name
@@ -44,11 +65,10 @@ def test_ranking_metrics_match_the_hand_computed_values(spark) -> None:
     assert got["eval_users"] == 3
 
 
+@both_paths
 @pytest.mark.filterwarnings("ignore:Deprecated in 3.0.0:FutureWarning")  # mllib's own SQLContext
-def test_ranking_metrics_agree_with_spark_ranking_metrics(spark) -> None:
-    recs = spark.createDataFrame(RECS, "user int, item int, rank int")
-    relevant = spark.createDataFrame(RELEVANT, "user int, item int")
-    got = evaluate.ranking_metrics(recs, relevant, k=2, catalog_size=10)
+def test_ranking_metrics_agree_with_spark_ranking_metrics(spark, on_driver) -> None:
+    got = _ranking_metrics(spark, RECS, RELEVANT, 2, 10, on_driver)
     pairs = [
         ([i for u2, i, _ in sorted(RECS, key=lambda r: r[2]) if u2 == u],
          [i for u2, i in RELEVANT if u2 == u])
@@ -61,18 +81,16 @@ def test_ranking_metrics_agree_with_spark_ranking_metrics(spark) -> None:
     assert got["map_at_k"] == pytest.approx(reference.meanAveragePrecisionAt(2))
 
 
-def test_perfect_recommendations_score_one(spark) -> None:
-    recs = spark.createDataFrame([(1, 7, 1), (1, 8, 2)], "user int, item int, rank int")
-    relevant = spark.createDataFrame([(1, 7), (1, 8)], "user int, item int")
-    got = evaluate.ranking_metrics(recs, relevant, k=2, catalog_size=2)
+@both_paths
+def test_perfect_recommendations_score_one(spark, on_driver) -> None:
+    got = _ranking_metrics(spark, [(1, 7, 1), (1, 8, 2)], [(1, 7), (1, 8)], 2, 2, on_driver)
     for name in ("precision_at_k", "recall_at_k", "ndcg_at_k", "map_at_k", "coverage"):
         assert got[name] == pytest.approx(1.0), name
 
 
-def test_no_evaluated_user_gives_nan_not_an_error(spark) -> None:
-    recs = spark.createDataFrame([(1, 7, 1)], "user int, item int, rank int")
-    relevant = spark.createDataFrame([], "user int, item int")
-    got = evaluate.ranking_metrics(recs, relevant, k=2, catalog_size=5)
+@both_paths
+def test_no_evaluated_user_gives_nan_not_an_error(spark, on_driver) -> None:
+    got = _ranking_metrics(spark, [(1, 7, 1)], [], 2, 5, on_driver)
     assert math.isnan(got["precision_at_k"]) and got["eval_users"] == 0
 
 
@@ -102,3 +120,28 @@ def test_popularity_rmse_uses_the_buyer_share_as_preference(spark) -> None:
     test = spark.createDataFrame([(3, 1, 1.0), (9, 1, 1.0), (3, 7, 1.0)], schema)
     # Only (3, 1) has a known user and item: predicted share 2/3 against preference 1.
     assert evaluate.popularity_rmse(train, test, implicit=True) == pytest.approx(1 / 3)
+
+
+def _matrices(spark):
+    """A train and a test matrix: 12 users, 20 products; test has rebuys, new purchases, a new
+    user (99) and a new product (50)."""
+    schema = "user int, item int, rating float"
+    train_rows = [(u, i, float(1 + (u + i) % 3)) for u in range(12) for i in range(20)
+                  if (u * 7 + i * 3) % 5 < 2]
+    test_rows = [(u, i, float(1 + u % 2)) for u in range(12) for i in range(20)
+                 if (u * 5 + i) % 7 == 0] + [(99, 1, 1.0), (3, 50, 2.0)]
+    return spark.createDataFrame(train_rows, schema), spark.createDataFrame(test_rows, schema)
+
+
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_driver_and_spark_evaluations_agree(spark, mode) -> None:
+    train_m, test_m = _matrices(spark)
+    model, _ = train.fit(train_m.cache(), load(als_rank=4, als_max_iter=3, seed=1, als_mode=mode))
+    implicit = mode == "implicit"
+    in_spark = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, driver=False)
+    on_driver = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, driver=True)
+    for spark_side, driver_side in zip(in_spark, on_driver, strict=True):
+        assert spark_side["eval_users"] > 0
+        assert spark_side.keys() == driver_side.keys()
+        for name, value in spark_side.items():
+            assert driver_side[name] == pytest.approx(value, rel=1e-5), name

@@ -148,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--show", action="store_true", help="open a browser tab")
     db.set_defaults(handler="visualizer.server:cli")
 
+    rp = sub.add_parser(
+        "report",
+        help="write one standalone HTML page (Bokeh) of a model's recommendation graph export",
+        description="Reads <RECSYS_EXPORT_DIR>/<version>/ (written after each model) and draws the "
+        "sampled user-product network, the degree distribution and the most recommended products "
+        "into one HTML file that opens offline.",
+    )
+    rp.add_argument("--model-version", type=int, help="the export to draw (default: the newest)")
+    rp.add_argument("--output", help="HTML file (default: report.html in the export folder)")
+    rp.set_defaults(handler="visualizer.report:cli")
+
     ag = sub.add_parser(
         "aggregate",
         help="Faust: live tables, the feedback loop and a read API over the result topics",

@@ -5,7 +5,8 @@ under `settings.checkpoints`). Each micro-batch is handled in foreachBatch (see 
 for the commit order); when the valid events accumulated since the last model reach
 `settings.train_threshold` (or `train_max_wait_seconds` passed with at least one new event, or the
 aggregator's `feedback` says the newest model does worse online than offline, see spark/feedback.py),
-a model is trained on ALL accumulated events and published: recommendations first, then
+a model is trained on ALL accumulated events and published: recommendations first, then the
+recommendation graph (exported under `settings.export_dir` and put on graph-edges), then
 model-ready, whose `trigger` says which of them fired.
 
 `recsys train` runs the same training and publishing once, on the store or on a purchases CSV.
@@ -91,6 +92,8 @@ class Published:
     model_ready: dict[str, Any]
     recommendations: int
     cycle_seconds: float
+    graph_edges: int = 0
+    export: Path | None = None  # the graph's export folder
 
 
 def train_and_publish(
@@ -103,7 +106,8 @@ def train_and_publish(
     started: float | None = None,
     reason: str | None = None,
 ) -> Published:
-    """Train on `sales`, publish recommendations then model-ready, then record the version.
+    """Train on `sales`, publish recommendations, the graph (`publish_graph`) then model-ready,
+    then record the version.
 
     `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
     there to just before model-ready is sent. `reason` (why the trigger fired, when there is more
@@ -120,6 +124,7 @@ def train_and_publish(
         n = publish.publish_recommendations(
             result.recommendations, version, settings, topics.recommendations
         )
+        edges, export = publish_graph(spark, settings, topics, result, sales)
         cycle = time.perf_counter() - started
         record = publish.model_ready_record(result, trigger, offsets, cycle)
         if reason:
@@ -133,7 +138,31 @@ def train_and_publish(
         "model %d published: %d users recommended, cycle %.1f s (ALS.fit %.1f s, %.0f%%)",
         version, n, cycle, fit, 100.0 * fit / cycle if cycle else 0.0,
     )
-    return Published(result, record, n, cycle)
+    return Published(result, record, n, cycle, edges, export)
+
+
+def publish_graph(
+    spark: SparkSession, settings: Settings, topics: Topics, result: Any, sales: DataFrame
+) -> tuple[int, Path]:
+    """Build the model's recommendation graph, export it under `settings.export_dir`, put its
+    edges on graph-edges; (edges published, export folder). PageRank awaits GraphFrames."""
+    from spark import graph, graph_export
+
+    started = time.perf_counter()
+    g = graph.build(spark, result, sales)
+    try:
+        where = graph_export.export(g, settings.export_dir)
+        n = publish.publish_graph_edges(g.edges, g.model_version, settings, topics.graph_edges)
+    finally:
+        g.unpersist()
+    rec = g.summary["recommendations"]
+    log.info(
+        "graph of model %d: %d edges, %d vertices, %d of %d products recommended (coverage "
+        "%.3f, Gini %.3f), exported to %s, %.1f s", g.model_version, n, g.summary["vertices"],
+        rec["products"], rec["catalogue"], rec["coverage"], rec["gini_in_degree"], where,
+        time.perf_counter() - started,
+    )
+    return n, where
 
 
 # --- the streaming job ------------------------------------------------------------------------------
@@ -445,7 +474,8 @@ def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
         max_offsets_per_trigger=args.max_offsets,
     )
     topics = _topics(args)
-    needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations]
+    needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations,
+              topics.graph_edges]
     if settings.feedback_retrain_share:
         needed.append(topics.feedback)
     problem = check_topics(settings, needed)
@@ -481,7 +511,8 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
     from spark import session
 
     topics = _topics(args)
-    problem = check_topics(settings, [topics.model_ready, topics.recommendations])
+    problem = check_topics(settings, [topics.model_ready, topics.recommendations,
+                                      topics.graph_edges])
     if problem:
         print(f"recsys train: {problem}", file=sys.stderr)
         return 2
@@ -516,7 +547,8 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
     mr = done.model_ready
     print(f"model {mr['model_version']} ({mr['trigger']}): {mr['events']:,} events, "
           f"{mr['users']:,} users, {mr['products']:,} products; {done.recommendations:,} "
-          f"recommendations on {topics.recommendations}, model-ready on {topics.model_ready}")
+          f"recommendations on {topics.recommendations}, {done.graph_edges:,} graph edges on "
+          f"{topics.graph_edges} (export {done.export}), model-ready on {topics.model_ready}")
     metrics = mr["metrics"]
     base = mr["baseline_metrics"]
     for name in sorted(metrics):

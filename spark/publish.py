@@ -1,11 +1,12 @@
-"""The Kafka sink of a trained model: `recommendations` (one record per user) then `model-ready`.
+"""The Kafka sink of a trained model: `recommendations` (one record per user), `graph-edges` (one
+record per user -> product edge), then `model-ready`.
 
-Order matters: the recommendations go first and are flushed, so a consumer that sees a
-`model-ready` for version V can already read every user's list of version V. Every record has a
-deterministic id (`V:user_id`, and the model id), so a cycle re-run after a crash publishes the
-same ids again and consumers stay idempotent.
+Order matters: the recommendations and edges go first and are flushed, so a consumer that sees a
+`model-ready` for version V can already read every user's list and every edge of version V. Every
+record has a deterministic id (`V:user_id`, `V:user_id:product_id`, and the model id), so a cycle
+re-run after a crash publishes the same ids again and consumers stay idempotent.
 
-Recommendations are encoded in Spark (`to_avro` + the single-object header as a literal) and written
+Recommendations and edges are encoded in Spark (`to_avro` + the single-object header as a literal) and written
 with the Kafka batch sink; the one `model-ready` record goes through the Python codec and an
 idempotent confluent-kafka producer.
 """
@@ -40,6 +41,7 @@ class Topics:
     model_ready: str = topics.MODEL_READY
     recommendations: str = topics.RECOMMENDATIONS
     feedback: str = topics.FEEDBACK  # read: the aggregator's online feedback (early retrain)
+    graph_edges: str = topics.GRAPH_EDGES  # last: `with_prefix` builds the fields in order
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -115,6 +117,48 @@ def publish_recommendations(
     finally:
         rows.unpersist()
     log.info("published %d recommendations of model %d to %s", n, model_version, topic)
+    return n
+
+
+def graph_edge_rows(edges: DataFrame) -> DataFrame:
+    """(key, value) rows of framed `GraphEdge`s from `spark.graph.Graph.edges`; the key is the
+    id `model_version:user_id:product_id`. Nulls are dropped or coalesced as in
+    `recommendation_rows` (to_avro wants non-nullable columns)."""
+    schema = codec.schema("GraphEdge")
+    user = F.col("user_id").cast("string")
+    product = F.col("product_id").cast("string")
+    edge_id = F.concat_ws(":", F.col("model_version").cast("string"), user, product)
+    because = F.transform(
+        F.filter(F.coalesce(F.col("because"), F.array().cast("array<string>")),
+                 lambda x: x.isNotNull()),
+        lambda x: F.coalesce(x, F.lit("")),
+    )
+    record = F.struct(
+        F.coalesce(edge_id, F.lit("")).alias("id"),
+        F.coalesce(F.col("model_version").cast("long"), F.lit(0).cast("long")).alias(
+            "model_version"),
+        F.coalesce(user, F.lit("")).alias("user_id"),
+        F.coalesce(product, F.lit("")).alias("product_id"),
+        F.coalesce(F.col("score").cast("double"), F.lit(0.0)).alias("score"),
+        F.coalesce(F.col("rank").cast("int"), F.lit(0)).alias("rank"),
+        because.alias("because"),
+    )
+    return edges.where(user.isNotNull() & product.isNotNull()).select(
+        F.coalesce(edge_id, F.lit("")).cast("binary").alias("key"),
+        F.concat(F.lit(schema.header), to_avro(record, schema.json)).alias("value"),
+    )
+
+
+def publish_graph_edges(edges: DataFrame, model_version: int, settings: Settings, topic: str
+                        ) -> int:
+    """Write every edge of `model_version` to `topic`; returns how many records were written."""
+    rows = graph_edge_rows(edges).cache()
+    try:
+        n = rows.count()
+        write_kafka(rows, settings, topic)
+    finally:
+        rows.unpersist()
+    log.info("published %d graph edges of model %d to %s", n, model_version, topic)
     return n
 
 

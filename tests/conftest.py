@@ -78,8 +78,10 @@ def broker(broker_factory: BrokerFactory, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def settings(broker: LocalBroker, tmp_path: Path) -> settings_mod.Settings:
-    """Settings pointing at the session broker, with state in this test's folder."""
-    return settings_mod.load(kafka_bootstrap=broker.bootstrap, data_dir=tmp_path)
+    """Settings pointing at the session broker, with state (and graph exports) in this test's
+    folder."""
+    return settings_mod.load(kafka_bootstrap=broker.bootstrap, data_dir=tmp_path,
+                             export_dir=tmp_path / "exports")
 
 
 @pytest.fixture

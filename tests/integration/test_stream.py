@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import pandas as pd
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
@@ -48,7 +49,8 @@ SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5,
 def make_topics(settings: Settings, unique: str) -> Topics:
     prefix = f"t{unique}."
     used = [declared.topic(n) for n in (declared.SALES, declared.SALES_DLQ, declared.MODEL_READY,
-                                        declared.RECOMMENDATIONS, declared.FEEDBACK)]
+                                        declared.RECOMMENDATIONS, declared.FEEDBACK,
+                                        declared.GRAPH_EDGES)]
     create_topics(settings, topics=used, names=renamed(prefix, topics=used))
     return Topics.with_prefix(prefix)
 
@@ -122,6 +124,7 @@ class StreamProcess:
             **os.environ,
             "RECSYS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "RECSYS_DATA_DIR": str(settings.data_dir),
+            "RECSYS_EXPORT_DIR": str(settings.export_dir),
             "RECSYS_SPARK_DRIVER_MEMORY": "1g",
             "RECSYS_LOG_LEVEL": "INFO",
             **{f"RECSYS_{k.upper()}": str(v) for k, v in {**SMALL_ALS, **env}.items()},
@@ -219,6 +222,31 @@ def test_replay_crosses_the_threshold_twice(settings, unique, spark):
         assert items and len(items) <= s.top_n and len(set(items)) == len(items)
         assert [i["rank"] for i in rec["items"]] == list(range(1, len(items) + 1))
         assert not set(items) & bought[user], f"{user} is recommended what they bought"
+
+    # The recommendation graph of each model: its export folder agrees with its lists, and
+    # graph-edges holds each of its edges exactly once.
+    edges_by_version: dict[int, Counter[str]] = defaultdict(Counter)
+    for m in read_all(s, topics.graph_edges):
+        edge = codec.decode(m.value())[1]
+        assert m.key().decode() == edge["id"] == (
+            f"{edge['model_version']}:{edge['user_id']}:{edge['product_id']}")
+        assert len(edge["because"]) <= 3
+        edges_by_version[edge["model_version"]][edge["id"]] += 1
+    assert set(edges_by_version) == {1, 2}
+    for version in (1, 2):
+        folder = Path(s.export_dir, str(version))
+        edges = pd.read_csv(folder / "edges.csv", dtype=str, keep_default_na=False)
+        summary = json.loads((folder / "summary.json").read_text())
+        users = pd.read_csv(folder / "vertices.csv", dtype={"original_id": str}).query(
+            "type == 'user'")
+        assert len(edges) == summary["recommendations"]["edges"] == int(users["degree"].sum())
+        assert edges.groupby("user_id").size().max() <= s.top_n
+        on_topic = edges_by_version[version]
+        assert set(on_topic.values()) == {1}, "an edge published twice"
+        assert set(on_topic) == {f"{version}:{u}:{p}" for u, p in
+                                 zip(edges["user_id"], edges["product_id"], strict=True)}
+    v2_edges = pd.read_csv(Path(s.export_dir, "2", "edges.csv"), dtype=str)
+    assert len(v2_edges) == sum(len(r["items"]) for r in v2.values())
 
 
 def _older_producer_null_user() -> bytes:

@@ -185,8 +185,8 @@ def test_model_ready_record_encodes_with_lineage():
 
 def test_topics_with_a_prefix():
     t = publish.Topics.with_prefix("t1.")
-    assert (t.sales, t.dlq, t.model_ready, t.recommendations) == (
-        "t1.sales", "t1.sales.dlq", "t1.model-ready", "t1.recommendations")
+    assert (t.sales, t.dlq, t.model_ready, t.recommendations, t.graph_edges) == (
+        "t1.sales", "t1.sales.dlq", "t1.model-ready", "t1.recommendations", "t1.graph-edges")
 
 
 def test_state_counts_a_rerun_batch_once():

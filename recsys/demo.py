@@ -29,10 +29,14 @@ from schemas.topics import MODEL_READY, RECOMMENDATIONS
 
 log = logging.getLogger(__name__)
 
-# Pace and threshold chosen so the ~407,000 valid events of the bundled file yield three
-# models within ten minutes on a 2-core machine.
-DEMO_THRESHOLD = 130_000
-DEMO_RATE = 4_000
+# Pace and threshold chosen so the ~407,000 valid events of the bundled file yield exactly three
+# models within ten minutes on a 2-core machine, with sales still arriving after the first model
+# (so the feedback loop has something to judge). Training runs when a micro-batch ends at or past
+# the threshold, so a model may see up to one batch more than the threshold: with batches of a
+# quarter of it, three models need at most 3 x 1.25 x 105,000 = 393,750 events.
+DEMO_THRESHOLD = 105_000
+DEMO_BATCH_SHARE = 4  # micro-batch = threshold / 4
+DEMO_RATE = 1_500  # input rows per second (about 1,130 valid sales/s): a replay of 6 minutes
 
 
 def _demo_settings(settings: Settings) -> Settings:
@@ -51,9 +55,9 @@ def _env(settings: Settings) -> dict[str, str]:
         "RECSYS_DATA_DIR": str(settings.data_dir),
         "RECSYS_EXPORT_DIR": str(settings.export_dir),
         "RECSYS_TRAIN_THRESHOLD": str(settings.train_threshold),
-        # Batches smaller than the threshold, so every threshold crossing gets its own model even
+        # Batches well below the threshold, so every threshold crossing gets its own model even
         # when the replay runs ahead of a training in progress.
-        "RECSYS_MAX_OFFSETS_PER_TRIGGER": str(max(1, settings.train_threshold // 2)),
+        "RECSYS_MAX_OFFSETS_PER_TRIGGER": str(max(1, settings.train_threshold // DEMO_BATCH_SHARE)),
         "RECSYS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
     }
 
@@ -147,7 +151,10 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
         stop["now"] = True
         raise KeyboardInterrupt
 
+    # Both set explicitly: a shell that starts the demo in the background leaves SIGINT ignored,
+    # and then Python would never raise KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         print(f"recsys demo: broker on {demo.kafka_bootstrap}, state in {demo.data_dir}")
         broker.start()
@@ -156,6 +163,9 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
         create_topics(demo)
         for role in roles:
             supervisor.start_role(demo, role, extra_env=_env(demo))
+        url = f"http://{demo.dashboard_host}:{demo.dashboard_port}/"
+        if "dashboard" in roles:
+            print(f"recsys demo: watch it live at {url}")
         cmd = [sys.executable, "-m", "recsys.cli", "produce"]
         if "stream" in roles:
             cmd += ["--rate", str(DEMO_RATE)]
@@ -171,8 +181,7 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
             _wait_for_models(demo, max(expected, 1), timeout=900)
             _print_models(demo)
         if "dashboard" in roles:
-            print(f"\nrecsys demo: dashboard at http://{demo.dashboard_host}:{demo.dashboard_port}/ "
-                  "— Ctrl-C stops everything")
+            print(f"\nrecsys demo: dashboard at {url} — Ctrl-C stops everything")
             while True:
                 time.sleep(1)
         return 0

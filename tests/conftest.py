@@ -7,6 +7,7 @@ it (never a skip): a silently skipped integration suite looks green and proves n
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import Iterator
@@ -95,7 +96,25 @@ def spark(tmp_path_factory: pytest.TempPathFactory):
     """A local[2] SparkSession for the whole session, started by the first test that asks."""
     from spark import session
 
-    conf = settings_mod.load(data_dir=tmp_path_factory.mktemp("spark"), spark_shuffle_partitions=2)
+    conf = settings_mod.load(data_dir=tmp_path_factory.mktemp("spark"), spark_shuffle_partitions=2,
+                             spark_driver_memory="6g")
     spark_session = session.build(conf, app_name="recsys-tests")
+    _SPARK.append(spark_session)
     yield spark_session
+    _SPARK.clear()
     spark_session.stop()
+
+
+_SPARK: list = []  # the session's SparkSession once a test has asked for it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _spark_memory_released_after_each_module():
+    """One SparkSession serves hundreds of tests: what a module cached (and the Python handles
+    that keep broadcasts and checkpoints alive on the JVM) is dropped when it ends, so the heap
+    does not fill up over the run (it did: OutOfMemoryError some 4,000 stages in)."""
+    yield
+    if _SPARK:
+        _SPARK[0].catalog.clearCache()
+        gc.collect()  # Python proxies released -> Spark's ContextCleaner frees their JVM side
+        _SPARK[0].sparkContext._jvm.System.gc()

@@ -285,8 +285,10 @@ def test_dashboard_shows_live_models_in_a_real_browser(
     pub.sales(4, start=7)
     page.wait_for_function(_ready(f"{_model('history')}.get_length() == 1"), timeout=WAIT_MS)
     page.wait_for_function(
+        # The progress bar and the banner are refreshed by separate callbacks: wait for both.
         _ready(f"{_model('network-edges')}.get_length() == {edges_v1} && "
-               f"{_model('progress')}.text.includes('4 of {THRESHOLD}')"),
+               f"{_model('progress')}.text.includes('4 of {THRESHOLD}') && "
+               f"{_model('banner')}.text.includes('next model: 4 of {THRESHOLD}')"),
         timeout=WAIT_MS,
     )
     v1 = page.evaluate(COUNTS_JS)

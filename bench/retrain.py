@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
     with scratch_broker("retrain") as (broker, tmp):
-        base = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp))
+        base = load(kafka_bootstrap=broker.bootstrap, data_dir=str(tmp),
+                    export_dir=str(tmp / "exports"))
         prefix = "bench."
         topics = Topics.with_prefix(prefix)
         topic_admin.create_topics(base, names=topic_admin.renamed(prefix))

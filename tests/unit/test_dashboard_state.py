@@ -280,6 +280,9 @@ def test_labels_and_progress_text():
     assert bar_label("P1", "") == "P1"
     assert bar_label("85123A", "WHITE HANGING HEART T-LIGHT HOLDER").endswith("…")
     assert "3 of 10 events (30%)" in progress_html(3, 10, has_model=True)
+    assert "training" not in progress_html(3, 10, has_model=True)
+    assert "12 of 10 events (100%) — threshold reached, training" in progress_html(
+        12, 10, has_model=True)
 
 
 def test_origins_and_settings():

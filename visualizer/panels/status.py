@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from bokeh.models import Div, InlineStyleSheet
 
+from visualizer.panels.stream import TRAINING
 from visualizer.state import MODELS, STREAM, DashboardState
 
 
@@ -37,7 +38,8 @@ def banner_html(status: dict, eval_k: int) -> str:
         fig("rmse", "RMSE"),
         fig("precision_at_k", f"precision@{eval_k}"),
         fig("ndcg_at_k", f"NDCG@{eval_k}"),
-        f"next model: {n:,} of {threshold:,} events",
+        f"next model: {n:,} of {threshold:,} events"
+        + (TRAINING if threshold and n >= threshold else ""),
     ]
     if not status["caught_up"]:
         parts.append(f"reading history: {status['records']:,} records")

@@ -13,6 +13,8 @@ from visualizer.state import STREAM, DashboardState
 
 WINDOW_S = 120
 REASONS_SHOWN = 10
+# Shown while the job trains: until its model-ready arrives, n keeps counting past N.
+TRAINING = " — threshold reached, training"
 
 
 def progress_html(n: int, threshold: int, has_model: bool) -> str:
@@ -20,7 +22,7 @@ def progress_html(n: int, threshold: int, has_model: bool) -> str:
     what = "next model" if has_model else "first model"
     return (
         f'<div class="recsys-progress"><b>{what}:</b> {n:,} of {threshold:,} events '
-        f"({share:.0%})"
+        f"({share:.0%}){TRAINING if threshold and n >= threshold else ''}"
         '<div style="background:#e6e6e6;border-radius:4px;height:14px;margin-top:4px">'
         f'<div style="background:#2ca02c;width:{share * 100:.1f}%;height:14px;'
         'border-radius:4px"></div></div></div>'

@@ -68,6 +68,17 @@ def write_kafka(rows: DataFrame, settings: Settings, topic: str) -> None:
     ).save()
 
 
+def _write_counted(rows: DataFrame, settings: Settings, topic: str) -> int:
+    """Write (key, value) rows to `topic`, counted on the way (cached, so computed once)."""
+    rows = rows.cache()
+    try:
+        n = rows.count()
+        write_kafka(rows, settings, topic)
+    finally:
+        rows.unpersist()
+    return n
+
+
 def recommendation_rows(
     recs: DataFrame, model_version: int, generated_at: datetime | None = None
 ) -> DataFrame:
@@ -110,12 +121,7 @@ def publish_recommendations(
     recs: DataFrame, model_version: int, settings: Settings, topic: str
 ) -> int:
     """Write every user's list to `topic`; returns how many records were written."""
-    rows = recommendation_rows(recs, model_version).cache()
-    try:
-        n = rows.count()
-        write_kafka(rows, settings, topic)
-    finally:
-        rows.unpersist()
+    n = _write_counted(recommendation_rows(recs, model_version), settings, topic)
     log.info("published %d recommendations of model %d to %s", n, model_version, topic)
     return n
 
@@ -152,12 +158,7 @@ def graph_edge_rows(edges: DataFrame) -> DataFrame:
 def publish_graph_edges(edges: DataFrame, model_version: int, settings: Settings, topic: str
                         ) -> int:
     """Write every edge of `model_version` to `topic`; returns how many records were written."""
-    rows = graph_edge_rows(edges).cache()
-    try:
-        n = rows.count()
-        write_kafka(rows, settings, topic)
-    finally:
-        rows.unpersist()
+    n = _write_counted(graph_edge_rows(edges), settings, topic)
     log.info("published %d graph edges of model %d to %s", n, model_version, topic)
     return n
 

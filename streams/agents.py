@@ -341,33 +341,27 @@ class Progress:
 def register(app: Any, settings: Settings, topics: Topics, agg: Aggregation) -> dict[str, Any]:
     """Attach the agents and timers to `app`; returns the agents by name (tests use them)."""
 
-    @app.agent(topics.sales, name="sales")
-    async def sales_agent(stream: Any) -> Any:
-        async for events in stream.take_events(BATCH, WITHIN):
-            done = await agg.on_sales(events)
-            await agg.settle()
-            yield done
+    def batch_agent(topic: Any, name: str, size: int,
+                    handle: Callable[[Sequence[Any]], Awaitable[int]]) -> Any:
+        """An agent handing batches of up to `size` events to `handle`; the batch's table writes
+        are settled before Faust acks its events (at the next iteration)."""
 
-    @app.agent(topics.recommendations, name="recommendations")
-    async def recommendations_agent(stream: Any) -> Any:
-        async for events in stream.take_events(BATCH, WITHIN):
-            done = await agg.on_recommendations(events)
-            await agg.settle()
-            yield done
+        async def agent(stream: Any) -> Any:
+            async for events in stream.take_events(size, WITHIN):
+                done = await handle(events)
+                await agg.settle()
+                yield done
 
-    @app.agent(topics.model_ready, name="model-ready")
-    async def models_agent(stream: Any) -> Any:
-        async for events in stream.take_events(100, WITHIN):
-            done = await agg.on_models(events)
-            await agg.settle()
-            yield done
+        return app.agent(topic, name=name)(agent)
 
-    @app.agent(topics.dead_letters, name="dead-letters")
-    async def dead_letters_agent(stream: Any) -> Any:
-        async for events in stream.take_events(BATCH, WITHIN):
-            done = await agg.on_dead_letters(events)
-            await agg.settle()
-            yield done
+    agents = {
+        "sales": batch_agent(topics.sales, "sales", BATCH, agg.on_sales),
+        "recommendations": batch_agent(topics.recommendations, "recommendations", BATCH,
+                                       agg.on_recommendations),
+        "model-ready": batch_agent(topics.model_ready, "model-ready", 100, agg.on_models),
+        "dead-letters": batch_agent(topics.dead_letters, "dead-letters", BATCH,
+                                    agg.on_dead_letters),
+    }
 
     @app.timer(settings.feedback_interval_seconds, name="publish-feedback")
     async def publish_feedback() -> None:
@@ -381,5 +375,4 @@ def register(app: Any, settings: Settings, topics: Topics, agg: Aggregation) -> 
         if line:
             log.info(line)
 
-    return {"sales": sales_agent, "recommendations": recommendations_agent,
-            "model-ready": models_agent, "dead-letters": dead_letters_agent}
+    return agents

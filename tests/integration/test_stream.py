@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -399,25 +400,36 @@ def test_sigterm_stops_cleanly_after_the_batch_in_progress(settings, unique, tmp
     assert _state(settings)["events"] == stored > 0
 
 
+def produce_sales(settings: Settings, topic: str, ids: range) -> Producer:
+    producer = Producer(producer_config(settings))
+    for i in ids:
+        producer.produce(topic, _sale(i), f"u{i % 7}")
+    assert producer.flush(30) == 0
+    return producer
+
+
+@contextmanager
+def running(job: StreamJob) -> Iterator[StreamJob]:
+    """The job started, with its main loop (which checks max-wait and feedback) in a thread."""
+    job.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=job.run, args=(stop,))
+    runner.start()
+    try:
+        yield job
+    finally:
+        stop.set()
+        runner.join(120)
+
+
 def test_max_wait_trains_below_the_threshold(settings, unique, spark):
     """A trickle that never reaches the threshold still gets a model after max-wait."""
     topics = make_topics(settings, unique)
     s = job_settings(settings, train_threshold=1_000_000, train_max_wait_seconds=2)
-    producer = Producer(producer_config(s))
-    for i in range(300):
-        producer.produce(topics.sales, _sale(i), f"u{i % 7}")
-    assert producer.flush(30) == 0
-    job = StreamJob(spark, s, topics)
-    job.start()
-    stop = threading.Event()
-    runner = threading.Thread(target=job.run, args=(stop,))  # the main loop checks max-wait
-    runner.start()
-    try:
+    produce_sales(s, topics.sales, range(300))
+    with running(StreamJob(spark, s, topics)) as job:
         ready = wait_for("a max_wait model", lambda: decoded(s, topics.model_ready),
                          timeout=150, every=2)
-    finally:
-        stop.set()
-        runner.join(120)
     assert [(r["model_version"], r["trigger"], r["events"]) for r in ready] == [
         (1, "max_wait", 300)]
     assert job.state.since_model == 0
@@ -428,16 +440,8 @@ def test_low_online_precision_retrains_early(settings, unique, spark):
     threshold; model-ready says why."""
     topics = make_topics(settings, unique)
     s = job_settings(settings, train_threshold=300, feedback_retrain_share=0.5)
-    producer = Producer(producer_config(s))
-    for i in range(300):
-        producer.produce(topics.sales, _sale(i), f"u{i % 7}")
-    assert producer.flush(30) == 0
-    job = StreamJob(spark, s, topics)
-    job.start()
-    stop = threading.Event()
-    runner = threading.Thread(target=job.run, args=(stop,))  # the main loop checks feedback
-    runner.start()
-    try:
+    producer = produce_sales(s, topics.sales, range(300))
+    with running(StreamJob(spark, s, topics)):
         wait_for("model 1", lambda: decoded(s, topics.model_ready), timeout=150, every=2)
         now = datetime.now(UTC)
         producer.produce(topics.feedback, codec.encode("Feedback", {
@@ -450,9 +454,6 @@ def test_low_online_precision_retrains_early(settings, unique, spark):
         assert producer.flush(30) == 0
         ready = wait_for("a feedback model", lambda: (r := decoded(s, topics.model_ready))
                          and len(r) >= 2 and r, timeout=150, every=2)
-    finally:
-        stop.set()
-        runner.join(120)
     assert [(r["model_version"], r["trigger"], r["events"]) for r in ready] == [
         (1, "threshold", 300), (2, "feedback", 310)]
     assert "online precision@5 0.0025 < 0.5 x offline 0.2000" in ready[1]["params"][

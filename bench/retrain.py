@@ -2,8 +2,10 @@
 
 The whole file is produced to `sales`; `recsys stream`'s job reads it with the threshold set to
 exactly the number of events, so the last batch hits it: train on the store -> recommendations
-on the topic -> model-ready. The cycle (threshold hit to model-ready) is compared with the time
-spent in ALS.fit; every recommendation is then counted on the topic.
+on the topic -> (model saved, graph built, exported and published) -> model-ready. The cycle as
+the issue defines it (threshold hit to every recommendation on the topic) is compared with the
+time spent in ALS.fit; model-ready's time is printed beside it, and every recommendation is then
+counted on the topic.
 
 Prints `retrain: cycle C s / ALS.fit F s = R` (targets: cycle <= 60 s, R <= 1.5); never asserts.
 Uses the settings' ALS parameters (RECSYS_ALS_RANK, ...). `python -m bench.retrain [--limit N]`.
@@ -80,12 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         on_topic = count_on_topic(settings, topics.recommendations)
         fit = done.result.train_seconds
         mr = done.model_ready
+        cycle = done.recommendations_seconds
         print(
-            f"retrain: cycle {done.cycle_seconds:.1f} s / ALS.fit {fit:.1f} s = "
-            f"{done.cycle_seconds / fit:.2f}  ({mr['events']:,} events, {mr['users']:,} users, "
-            f"{on_topic:,} of {done.recommendations:,} recommendations on the topic; rank "
-            f"{settings.als_rank}, {settings.als_max_iter} iterations; targets: cycle <= 60 s, "
-            "ratio <= 1.5)"
+            f"retrain: cycle {cycle:.1f} s / ALS.fit {fit:.1f} s = {cycle / fit:.2f}  "
+            f"(threshold hit -> {on_topic:,} of {done.recommendations:,} recommendations on the "
+            f"topic; model-ready after {done.cycle_seconds:.1f} s; {mr['events']:,} events, "
+            f"{mr['users']:,} users; rank {settings.als_rank}, {settings.als_max_iter} "
+            "iterations; targets: cycle <= 60 s, ratio <= 1.5)"
         )
 
 

@@ -203,17 +203,17 @@ def popularity_rmse(train: DataFrame, test: DataFrame, implicit: bool) -> float:
 
 
 def _by_user(matrix: DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """user -> (items, ratings) of the matrix's rows, in one collect of one row per user."""
+    """user -> (items, ratings) of the matrix's rows, in one Arrow transfer of one row per user."""
     pairs = F.sort_array(F.collect_list(F.struct("item", "rating")))
     rows = (
         matrix.groupBy("user")
         .agg(pairs.alias("p"))
         .select("user", F.col("p.item").alias("items"), F.col("p.rating").alias("ratings"))
-        .collect()
+        .toPandas()
     )
     return {
-        r["user"]: (np.array(r["items"], dtype=np.int64), np.array(r["ratings"], dtype=np.float64))
-        for r in rows
+        int(user): (np.asarray(items, dtype=np.int64), np.asarray(ratings, dtype=np.float64))
+        for user, items, ratings in zip(rows["user"], rows["items"], rows["ratings"], strict=True)
     }
 
 

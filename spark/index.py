@@ -5,14 +5,21 @@ speak about the same user with the same number. The index is a Parquet folder of
 new ids are APPENDED as new files (existing files are never rewritten), numbered after the current
 maximum in sorted id order, so the same input always gives the same numbers. One writer at a time
 (the training job) is assumed.
+
+A training cycle numbers its new ids with `extend` (on the driver, nothing written) and stores
+them with `Index.save` once its recommendations are out: until a model that uses the numbers is
+saved, no stored thing refers to them, so a cycle that dies in between loses nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyspark.sql import DataFrame, SparkSession, Window
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -46,31 +53,69 @@ def load_index(spark: SparkSession, path: str | Path) -> DataFrame:
     return spark.read.schema(INDEX_SCHEMA).parquet(path)
 
 
-def update_index(spark: SparkSession, ids: DataFrame, path: str | Path) -> DataFrame:
-    """Add the ids of `ids` (first column, strings) that the index lacks; return the full index.
+@dataclass
+class Index:
+    """One index on the driver: every id's number, and the ids numbered since it was loaded."""
 
-    The returned DataFrame is read back from the folder, so callers see exactly what is stored.
+    path: str
+    numbers: dict[str, int]
+    added: list[tuple[str, int]] = field(default_factory=list)  # not stored yet
+
+    def frame(self, spark: SparkSession) -> DataFrame:
+        """The whole index as an (id, idx) DataFrame (independent of the folder)."""
+        return _frame(spark, list(self.numbers.items()))
+
+    def names(self) -> np.ndarray:
+        """The ids by number: `names()[n]` is the id numbered n (numbers are dense from 0)."""
+        out = np.empty(max(self.numbers.values(), default=-1) + 1, dtype=object)
+        out[np.fromiter(self.numbers.values(), dtype=np.int64, count=len(self.numbers))] = list(
+            self.numbers
+        )
+        return out
+
+    def save(self, spark: SparkSession) -> None:
+        """Append the ids numbered since loading as one new file."""
+        if not self.added:
+            return
+        _frame(spark, self.added).coalesce(1).write.mode("append").parquet(self.path)
+        log.info("index %s: %d new ids from %d", self.path, len(self.added), self.added[0][1])
+        self.added = []
+
+
+def _frame(spark: SparkSession, pairs: list[tuple[str, int]]) -> DataFrame:
+    """(id, idx) pairs as a DataFrame, through Arrow (a list would start Python workers)."""
+    ids = pd.DataFrame({
+        "id": pd.Series([p[0] for p in pairs], dtype=object),
+        "idx": np.fromiter((p[1] for p in pairs), dtype=np.int32, count=len(pairs)),
+    })
+    return spark.createDataFrame(ids, INDEX_SCHEMA)
+
+
+def extend(spark: SparkSession, ids: DataFrame, path: str | Path) -> Index:
+    """The stored index plus the ids of `ids` (first column, strings) it lacks, numbered after
+    its maximum in sorted id order; nothing is written (`Index.save` does).
+
+    The distinct ids and the stored index are compared on the driver (as MLlib's StringIndexer
+    does with its labels): users and products number in the thousands to millions, and a set
+    difference there costs one Spark job where a distributed anti-join cost five.
     """
     path = str(path)
-    stored = _exists(spark, path)
-    existing = load_index(spark, path)
-    wanted = ids.select(F.col(ids.columns[0]).cast("string").alias("id")).where("id IS NOT NULL")
-    new = wanted.distinct().join(existing.select("id"), "id", "left_anti")
-    # Materialise before appending: the plan reads the folder it is about to write into.
-    new = new.localCheckpoint(eager=True)
-    added = new.count()
-    if added:
-        start = existing.agg(F.max("idx")).first()[0] if stored else None
-        start = -1 if start is None else int(start)
-        if start + added >= 2**31 - 1:
-            raise OverflowError(f"index {path} is full: ALS ids are 32-bit integers")
-        numbered = new.select(
-            "id",
-            # New ids are few per retrain: one sorted partition is fine (and says so, no warning).
-            (F.row_number().over(Window.partitionBy(F.lit(0)).orderBy("id")) + F.lit(start))
-            .cast("int")
-            .alias("idx"),
-        )
-        numbered.coalesce(1).write.mode("append").parquet(path)
-        log.info("index %s: %d new ids from %d", path, added, start + 1)
+    numbers: dict[str, int] = {}
+    if _exists(spark, path):
+        stored = load_index(spark, path).toPandas()
+        numbers = dict(zip(stored["id"], stored["idx"].astype(int).tolist(), strict=True))
+    column = F.col(ids.columns[0]).cast("string")
+    wanted = ids.select(column.alias("id")).where("id IS NOT NULL").distinct().toPandas()
+    new = sorted(set(wanted["id"]) - numbers.keys())  # code point order = Spark's order
+    start = max(numbers.values(), default=-1)
+    if start + len(new) >= 2**31 - 1:
+        raise OverflowError(f"index {path} is full: ALS ids are 32-bit integers")
+    added = [(id_, start + i) for i, id_ in enumerate(new, 1)]
+    numbers.update(added)
+    return Index(path, numbers, added)
+
+
+def update_index(spark: SparkSession, ids: DataFrame, path: str | Path) -> DataFrame:
+    """`extend` and save at once; returns the index as stored (read back from the folder)."""
+    extend(spark, ids, path).save(spark)
     return load_index(spark, path)

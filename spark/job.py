@@ -91,7 +91,8 @@ class Published:
     result: Any  # spark.pipeline.TrainResult
     model_ready: dict[str, Any]
     recommendations: int
-    cycle_seconds: float
+    cycle_seconds: float  # trigger -> model-ready
+    recommendations_seconds: float  # trigger -> every recommendation on the topic
     graph_edges: int = 0
     export: Path | None = None  # the graph's export folder
 
@@ -102,16 +103,18 @@ def train_and_publish(
     topics: Topics,
     sales: DataFrame,
     trigger: str,
-    offsets: list[dict[str, Any]],
     started: float | None = None,
     reason: str | None = None,
 ) -> Published:
-    """Train on `sales`, publish recommendations, the graph (`publish_graph`) then model-ready,
-    then record the version.
+    """Train on `sales`, publish recommendations, save the model, publish the graph
+    (`publish_graph`) then model-ready, then record the version.
 
     `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
-    there to just before model-ready is sent. `reason` (why the trigger fired, when there is more
-    to say than its name) goes into model-ready's params as `trigger_reason`.
+    there to just before model-ready is sent; `Published.recommendations_seconds` to the moment
+    every recommendation is on the topic. What only model-ready needs (the saved model, the
+    Kafka offset ranges of `sales`) is done after the recommendations are out. `reason` (why the
+    trigger fired, when there is more to say than its name) goes into model-ready's params as
+    `trigger_reason`.
     """
     from spark import pipeline  # heavy imports (MLlib) only when a model is trained
 
@@ -124,6 +127,9 @@ def train_and_publish(
         n = publish.publish_recommendations(
             result.recommendations, version, settings, topics.recommendations
         )
+        to_recommendations = time.perf_counter() - started
+        pipeline.save(spark, result)
+        offsets = offset_ranges(sales)
         edges, export = publish_graph(spark, settings, topics, result, sales)
         cycle = time.perf_counter() - started
         record = publish.model_ready_record(result, trigger, offsets, cycle)
@@ -135,10 +141,11 @@ def train_and_publish(
     models.record(record)
     fit = result.train_seconds
     log.info(
-        "model %d published: %d users recommended, cycle %.1f s (ALS.fit %.1f s, %.0f%%)",
-        version, n, cycle, fit, 100.0 * fit / cycle if cycle else 0.0,
+        "model %d published: %d users recommended after %.1f s (ALS.fit %.1f s, %.0f%%); "
+        "model-ready after %.1f s", version, n, to_recommendations, fit,
+        100.0 * fit / to_recommendations if to_recommendations else 0.0, cycle,
     )
-    return Published(result, record, n, cycle, edges, export)
+    return Published(result, record, n, cycle, to_recommendations, edges, export)
 
 
 def publish_graph(
@@ -416,9 +423,8 @@ class StreamJob:
             self._feedback_fired.add(self.model_version)
         try:
             sales = self.store.read()
-            offsets = offset_ranges(sales)
             done = train_and_publish(self.spark, self.settings, self.topics, sales, trigger,
-                                     offsets, started, reason)
+                                     started, reason)
         except Exception:
             self._retry_at = time.time() + TRAIN_RETRY_SECONDS
             log.exception("training failed; ingest goes on, next attempt in %.0f s",
@@ -526,7 +532,7 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
             from spark.csv_input import CsvMapping, read_purchases_csv
 
             sales = read_purchases_csv(spark, args.file, CsvMapping.from_args(args))
-            done = train_and_publish(spark, settings, topics, sales, "file", [], started)
+            done = train_and_publish(spark, settings, topics, sales, "file", started)
         else:
             store = Store(spark, settings.store)
             if not store.has_data():
@@ -535,8 +541,7 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             state = store.load_state()
             sales = store.read()
-            done = train_and_publish(spark, settings, topics, sales, "manual",
-                                     offset_ranges(sales), started)
+            done = train_and_publish(spark, settings, topics, sales, "manual", started)
             state.model_trained(state.events, time.time())
             store.save_state(state)
     except ValueError as exc:  # nothing to train on, a bad CSV mapping

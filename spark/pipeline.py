@@ -44,9 +44,10 @@ class TrainResult:
     event_time_min: datetime | None
     event_time_max: datetime | None
     params: dict[str, str]
-    model_path: str
+    model_path: str  # where `save` stores `model`
     recommendations: DataFrame  # user_id, items array<struct<product_id, score, rank>>
     model: ALSModel
+    indexes: tuple[index.Index, index.Index]  # users, products; `save` stores their new ids
     user_factors: DataFrame  # user_id, features array<float>
     item_factors: DataFrame  # product_id, features array<float>
     fit_seconds: dict[str, float] = field(default_factory=dict)  # "evaluation", "final"
@@ -99,8 +100,9 @@ def _evaluate(
 def run_training(
     spark: SparkSession, sales: DataFrame, settings: Settings, model_version: int
 ) -> TrainResult:
-    """Train, evaluate and recommend from `sales` (the `Sale` shape); saves the final model under
-    `<settings.models>/<model_version>`. Raises ValueError when there is nothing to train on."""
+    """Train, evaluate and recommend from `sales` (the `Sale` shape). The final model and the new
+    index entries are stored by `save` (after the recommendations are out). Raises ValueError
+    when there is nothing to train on."""
     started = time.perf_counter()
     step = _Steps(f"model {model_version}")
     events = prepare.valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
@@ -111,18 +113,26 @@ def run_training(
     if not stats["n"]:
         events.unpersist()
         raise ValueError("no valid events to train on")
-    users = index.update_index(spark, events.select("user_id"), index_path(settings, "users"))
-    products = index.update_index(
-        spark, events.select("product_id"), index_path(settings, "products")
+    indexes = (
+        index.extend(spark, events.select("user_id"), index_path(settings, "users")),
+        index.extend(spark, events.select("product_id"), index_path(settings, "products")),
     )
-    users, products = users.cache(), products.cache()
+    users, products = (ix.frame(spark).cache() for ix in indexes)
     step("events, index")
 
     split = prepare.split_events(events, settings)
-    train_m = prepare.interactions(split.train, users, products, settings).cache()
-    test_m = prepare.interactions(split.test, users, products, settings).cache()
-    train_pairs, test_pairs = train_m.count(), test_m.count()
-    step("split, train and test matrices")
+    matrix = prepare.matrices(split, users, products, settings).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    positive = {which: F.col(which) > 0 for which in ("train", "test", "all")}
+    counts = matrix.agg(  # one job: it caches `matrix` too
+        *(F.count_if(is_positive).alias(which) for which, is_positive in positive.items()),
+        F.count_distinct(F.when(positive["all"], F.col("user"))).alias("users"),
+        F.count_distinct(F.when(positive["all"], F.col("item"))).alias("products"),
+    ).first()
+    train_pairs, test_pairs, n_pairs = counts["train"], counts["test"], counts["all"]
+    train_m, test_m, full = (prepare.side(matrix, w, settings) for w in ("train", "test", "all"))
+    step("split, matrices")
     if train_pairs and test_pairs:
         metrics, baseline, eval_seconds, eval_users = _evaluate(
             train_m, test_m, train_pairs + test_pairs, settings
@@ -131,38 +141,31 @@ def run_training(
         log.warning("train (%d pairs) or test (%d pairs) is empty: no metrics", train_pairs,
                     test_pairs)
         metrics, baseline, eval_seconds, eval_users = _nan_metrics(), _nan_metrics(), 0.0, 0
-    train_m.unpersist()
-    test_m.unpersist()
     step("evaluation (fit included)")
 
-    full = prepare.interactions(events, users, products, settings).cache()
-    counts = full.agg(
-        F.count(F.lit(1)).alias("pairs"),
-        F.countDistinct("user").alias("users"),
-        F.countDistinct("item").alias("products"),
-    ).first()  # one job: it caches `full` too
-    n_pairs = counts["pairs"]
     if not n_pairs:
         raise ValueError("no user-product pair with a positive net quantity")
-    step("full matrix")
     model, final_seconds = train.fit(full, settings)
     step("final fit")
     bought = recommend.bought_lists(full) if settings.filter_bought else None
-    on_driver = counts["products"] * settings.als_rank <= recommend.DRIVER_MAX_FLOATS
-    long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, on_driver)
-    recs = recommend.with_ids(long_recs, users, products).cache()
+    factors = (counts["products"] + counts["users"]) * settings.als_rank
+    on_driver = factors <= recommend.DRIVER_MAX_FLOATS
+    if on_driver:  # scored, and the ids mapped back, on the driver
+        lists = recommend.top_lists_driver(model, full.select("user"), settings.top_n, bought)
+        recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes))
+    else:
+        long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, False)
+        recs = recommend.with_ids(long_recs, users, products)
+    recs = recs.cache()
     n_recs = recs.count()
     step("recommendations")
+    step.log()
 
-    model_path = f"{settings.models.rstrip('/')}/{model_version}"
-    model.write().overwrite().save(model_path)
-    full.unpersist()
+    matrix.unpersist()
     events.unpersist()
-    # The factor tables below stay lazy; they re-read the index, where existing ids never change.
+    # The factor tables below stay lazy (on the indexes' driver-side rows).
     users.unpersist()
     products.unpersist()
-    step("model saved")
-    step.log()
 
     params = train.als_params(settings) | {
         "split": settings.split,
@@ -195,15 +198,27 @@ def run_training(
         event_time_min=stats["lo"],
         event_time_max=stats["hi"],
         params=params,
-        model_path=model_path,
+        model_path=f"{settings.models.rstrip('/')}/{model_version}",
         recommendations=recs,
         model=model,
+        indexes=indexes,
         user_factors=user_factors,
         item_factors=item_factors,
         fit_seconds={"evaluation": eval_seconds, "final": final_seconds},
     )
     log_result(result, n_recs)
     return result
+
+
+def save(spark: SparkSession, result: TrainResult) -> None:
+    """Store what model-ready points to: the ids the indexes gained, then the final model under
+    `result.model_path` (replacing what a failed cycle left)."""
+    started = time.perf_counter()
+    for ix in result.indexes:
+        ix.save(spark)
+    result.model.write().overwrite().save(result.model_path)
+    log.info("model %d and its index saved to %s in %.1f s", result.model_version,
+             result.model_path, time.perf_counter() - started)
 
 
 def log_result(result: TrainResult, n_recs: int) -> None:

@@ -1,8 +1,10 @@
-"""From sale events to ALS input: valid events, the train/test split, the interaction matrix.
+"""From sale events to ALS input: valid events, the train/test split, the interaction matrices.
 
 Pure DataFrame -> DataFrame steps (the persistent id index lives in `spark.index`). The split cuts
 the EVENTS, and each side's matrix is netted on its own events: a purchase in the train period and
-its return in the test period leave the pair in train (it was bought then) and out of test.
+its return in the test period leave the pair in train (it was bought then) and out of test. One
+aggregation nets all three matrices (train, test, all events) side by side (`matrices`); `side`
+takes one of them out in the shape ALS reads.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ _BUCKETS = 1_000_000
 
 @dataclass(frozen=True)
 class Split:
-    """Events before and from the cut; `cutoff` is None for a random split."""
+    """Which of `events` are held out for testing (`is_test`, a column over them); `cutoff` is
+    None for a random split."""
 
-    train: DataFrame
-    test: DataFrame
+    events: DataFrame
+    is_test: Column
     cutoff: datetime | None
+
+    @property
+    def train(self) -> DataFrame:
+        return self.events.where(~self.is_test)
+
+    @property
+    def test(self) -> DataFrame:
+        return self.events.where(self.is_test)
 
 
 def valid_events(sales: DataFrame) -> DataFrame:
@@ -76,14 +87,13 @@ def split_events(events: DataFrame, settings: Settings) -> Split:
     if settings.split == "random":
         bucket = F.pmod(F.xxhash64("event_id", F.lit(settings.seed)), F.lit(_BUCKETS))
         is_test = bucket < F.lit(int(settings.test_fraction * _BUCKETS))
-        return Split(events.where(~is_test), events.where(is_test), None)
+        return Split(events, is_test, None)
     cutoff = settings.split_cutoff or time_cutoff(events, settings.test_fraction)
     if cutoff is None:  # no events, or no later time to hold out
-        return Split(events, events.limit(0), None)
+        return Split(events, F.lit(False), None)
     if cutoff.tzinfo is not None:
         cutoff = cutoff.astimezone(UTC).replace(tzinfo=None)
-    is_test = F.col("event_time") >= _timestamp(cutoff)
-    return Split(events.where(~is_test), events.where(is_test), cutoff)
+    return Split(events, F.col("event_time") >= _timestamp(cutoff), cutoff)
 
 
 def strength(quantity: Column, confidence: str) -> Column:
@@ -95,33 +105,56 @@ def strength(quantity: Column, confidence: str) -> Column:
     return F.log1p(quantity).cast("float")
 
 
+def matrices(
+    split: Split, users: DataFrame, products: DataFrame, settings: Settings
+) -> DataFrame:
+    """The train, test and full interaction matrices in one pass over the events: per pair,
+    (user_id, product_id, user int, item int) and the net quantity of its train events, its test
+    events and all its events (columns `train`, `test`, `all`; returns subtract). Pairs that are
+    positive on no side are left out. `side` takes one matrix out.
+    """
+    q = F.col("quantity")
+    net = (
+        split.events.groupBy("user_id", "product_id")
+        .agg(
+            F.sum(F.when(~split.is_test, q).otherwise(0)).alias("train"),
+            F.sum(F.when(split.is_test, q).otherwise(0)).alias("test"),
+            F.sum(q).alias("all"),
+        )
+        .where((F.col("train") > 0) | (F.col("test") > 0) | (F.col("all") > 0))
+    )
+    # No broadcast hint: the indexes may outgrow memory; Spark broadcasts them while small.
+    user_index = users.select(F.col("id").alias("user_id"), F.col("idx").alias("user"))
+    item_index = products.select(F.col("id").alias("product_id"), F.col("idx").alias("item"))
+    return net.join(user_index, "user_id").join(item_index, "product_id").select(
+        "user_id", "product_id", "user", "item", "train", "test", "all"
+    )
+
+
+def side(matrix: DataFrame, which: str, settings: Settings) -> DataFrame:
+    """ALS input from `matrices`: (user_id, product_id, user, item, quantity long, rating float),
+    one row per pair whose net quantity on `which` side ("train", "test" or "all") is positive.
+
+    In implicit mode `rating` is the confidence strength (`settings.confidence`); in explicit mode
+    the net quantity IS the rating and is used as it is.
+    """
+    quantity = F.col(which)
+    rating = (
+        strength(quantity, settings.confidence)
+        if settings.als_mode == "implicit"
+        else quantity.cast("float")
+    )
+    return matrix.where(quantity > 0).select(
+        "user_id", "product_id", "user", "item", quantity.alias("quantity"), rating.alias("rating")
+    )
+
+
 def interactions(
     events: DataFrame,
     users: DataFrame,
     products: DataFrame,
     settings: Settings,
 ) -> DataFrame:
-    """ALS input: (user int, item int, quantity long, rating float), one row per bought pair.
-
-    Quantities are netted per pair (returns subtract); pairs at or below zero drop out. In
-    implicit mode `rating` is the confidence strength (`settings.confidence`); in explicit mode
-    the net quantity IS the rating and is used as it is.
-    """
-    net = (
-        events.groupBy("user_id", "product_id")
-        .agg(F.sum("quantity").alias("quantity"))
-        .where(F.col("quantity") > 0)
-    )
-    rating = (
-        strength(F.col("quantity"), settings.confidence)
-        if settings.als_mode == "implicit"
-        else F.col("quantity").cast("float")
-    )
-    # No broadcast hint: the indexes may outgrow memory; Spark broadcasts them while small.
-    user_index = users.select(F.col("id").alias("user_id"), F.col("idx").alias("user"))
-    item_index = products.select(F.col("id").alias("product_id"), F.col("idx").alias("item"))
-    return (
-        net.join(user_index, "user_id")
-        .join(item_index, "product_id")
-        .select("user_id", "product_id", "user", "item", "quantity", rating.alias("rating"))
-    )
+    """The interaction matrix of all of `events` (the `side` shape)."""
+    return side(matrices(Split(events, F.lit(False), None), users, products, settings), "all",
+                settings)

@@ -3,12 +3,13 @@ the user already bought, in one long shape (user, item, score, rank) that both e
 publishing read; `with_ids` turns it into the published shape.
 
 Excluding bought products exactly needs more than N candidates for a user who bought many (at most
-N + b for b bought). Two ways, chosen by the size of the item factors:
-- driver (default while the item factors fit in a few hundred MB): user factors stream to the
-  driver in blocks, each block is one matrix product against all items, bought items get -inf, and
-  a partial sort keeps the top N. On the bundled data this takes about a second, where ALS's own
-  `recommendForUserSubset` took longer than the ALS fit itself (it emits and regroups every
-  candidate row through a shuffle, and the bought lists then need the deep candidates);
+N + b for b bought). Two ways, chosen by the size of the factors:
+- driver (default while the user and item factors fit in a few hundred MB): the factors come to
+  the driver in one Arrow transfer each, users are scored in blocks, each block one matrix product
+  against all items, bought items get -inf, and a partial sort keeps the top N. On the bundled
+  data this takes about a second, where ALS's own `recommendForUserSubset` took longer than the
+  ALS fit itself (it emits and regroups every candidate row through a shuffle, and the bought
+  lists then need the deep candidates);
 - Spark (larger catalogues): users are grouped by b into a few buckets (b <= 16, 64, 256, ...) and
   each bucket asks ALS's blocked `recommendForUserSubset` for N + its bound, so the whole catalogue
   is scored for everybody but shipped only for the users who need it.
@@ -19,14 +20,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 from pyspark.ml.recommendation import ALSModel
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
 
-# Item factors up to this many floats (400 MB) are scored on the driver; users go in blocks of
-# up to _BLOCK_FLOATS scores.
+# User and item factors up to this many floats (400 MB) are scored on the driver; users go in
+# blocks of up to _BLOCK_FLOATS scores.
 DRIVER_MAX_FLOATS = 100_000_000
 _BLOCK_FLOATS = 8_000_000
 _FIRST_BUCKET = 16
@@ -64,25 +66,31 @@ def top_items(
 
     With `bought` (user, bought array), those items never appear and every user still gets up
     to n items (fewer only when the catalogue runs out). `on_driver` None: on the driver while
-    the item factors are small (`DRIVER_MAX_FLOATS`), else with Spark.
+    the factors are small (`DRIVER_MAX_FLOATS`), else with Spark.
     """
     users = users.select("user").distinct()
     if on_driver is None:
-        on_driver = model.itemFactors.count() * model.rank <= DRIVER_MAX_FLOATS
+        rows = model.itemFactors.count() + model.userFactors.count()
+        on_driver = rows * model.rank <= DRIVER_MAX_FLOATS
     if on_driver:
         return _top_items_driver(model, users, n, bought)
     return _top_items_spark(model, users, n, bought)
+
+
+def _stack(vectors: pd.Series) -> np.ndarray:
+    """A column of equal-length arrays (from toPandas) as one float32 matrix, a row each."""
+    if len(vectors) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack(vectors.to_numpy()).astype(np.float32, copy=False)
 
 
 class Factors:
     """ALS factors (`model.itemFactors` or `userFactors`) on the driver, a row per id."""
 
     def __init__(self, factors: DataFrame) -> None:
-        rows = factors.select("id", "features").collect()
-        self.ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
-        self.matrix = np.array([r["features"] for r in rows], dtype=np.float32).reshape(
-            len(rows), -1
-        )
+        rows = factors.select("id", "features").toPandas()
+        self.ids = rows["id"].to_numpy(dtype=np.int64)
+        self.matrix = _stack(rows["features"])
         # position[item id] = its row in `matrix`, -1 for ids the model does not know.
         self.position = np.full(int(self.ids.max()) + 1 if len(rows) else 1, -1, dtype=np.int64)
         self.position[self.ids] = np.arange(len(rows))
@@ -118,34 +126,66 @@ class Factors:
         ]
 
 
-def _top_items_driver(
+def top_lists_driver(
     model: ALSModel, users: DataFrame, n: int, bought: DataFrame | None
-) -> DataFrame:
-    """Score users in blocks against all items with one matrix product each, on the driver."""
-    spark = users.sparkSession
+) -> pd.DataFrame:
+    """(user, items, scores) of the `users` the model knows, best first, on the driver: users are
+    scored in blocks against all items with one matrix product each."""
     items = Factors(model.itemFactors)
-    rows = model.userFactors.join(users.withColumnRenamed("user", "id"), "id")
+    users = users.select(F.col("user").alias("id")).distinct()
+    rows = model.userFactors.join(users, "id")
     if bought is not None:
         rows = rows.join(bought.withColumnRenamed("user", "id"), "id", "left")
     else:
         rows = rows.withColumn("bought", F.lit(None).cast("array<int>"))
     block = max(1, _BLOCK_FLOATS // max(len(items.ids), 1))
-    out: list[tuple[int, list[int], list[float]]] = []
-    chunk: list = []
+    # One Arrow transfer: the driver path is only taken while users and items fit the driver.
+    rows = rows.select("id", "features", "bought").toPandas()
+    tops: list[tuple[list[int], list[float]]] = []
+    for lo in range(0, len(rows), block):
+        chunk = rows.iloc[lo:lo + block]
+        bought_lists = [None if b is None else b.tolist() for b in chunk["bought"]]
+        tops += items.top(_stack(chunk["features"]), bought_lists, n)
+    return pd.DataFrame({
+        "user": rows["id"].astype(np.int32),
+        "items": [np.asarray(t, dtype=np.int32) for t, _ in tops],
+        "scores": [np.asarray(sc, dtype=np.float64) for _, sc in tops],
+    })
 
-    def score(chunk: list) -> None:
-        tops = items.top([r["features"] for r in chunk], [r["bought"] for r in chunk], n)
-        for r, (top, scores) in zip(chunk, tops, strict=True):
-            out.append((int(r["id"]), top, scores))
 
-    for row in rows.select("id", "features", "bought").toLocalIterator(True):
-        chunk.append(row)
-        if len(chunk) >= block:
-            score(chunk)
-            chunk = []
-    if chunk:
-        score(chunk)
-    recs = spark.createDataFrame(out, "user int, items array<int>, scores array<double>")
+def named_lists(
+    spark: SparkSession, lists: pd.DataFrame, user_ids: np.ndarray, product_ids: np.ndarray
+) -> DataFrame:
+    """`top_lists_driver`'s lists in the published shape of `with_ids`, the ids mapped on the
+    driver (`user_ids[n]` is the id numbered n; see `spark.index.Index.names`)."""
+    lists = lists[lists["items"].map(len) > 0]
+    named = pd.DataFrame({
+        "user_id": user_ids[lists["user"].to_numpy()],
+        "product_ids": [product_ids[items] for items in lists["items"]],
+        "scores": lists["scores"].to_numpy(),
+    })
+    df = spark.createDataFrame(
+        named, "user_id string, product_ids array<string>, scores array<double>"
+    )
+    ranked = F.transform(
+        F.arrays_zip("product_ids", "scores"),
+        lambda x, i: F.struct(
+            x["product_ids"].alias("product_id"),
+            x["scores"].alias("score"),
+            (i + 1).cast("int").alias("rank"),
+        ),
+    )
+    return df.select("user_id", ranked.alias("items"))
+
+
+def _top_items_driver(
+    model: ALSModel, users: DataFrame, n: int, bought: DataFrame | None
+) -> DataFrame:
+    """`top_lists_driver` in the long shape."""
+    out = top_lists_driver(model, users, n, bought)
+    recs = users.sparkSession.createDataFrame(
+        out, "user int, items array<int>, scores array<double>"
+    )
     return recs.select(
         "user", F.posexplode(F.arrays_zip("items", "scores")).alias("pos", "rec")
     ).select(

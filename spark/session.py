@@ -34,6 +34,9 @@ def build(settings: Settings, app_name: str = "recsys", ui: bool = False) -> Spa
         .config("spark.ui.showConsoleProgress", "false")  # progress bars garble the logs
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.adaptive.enabled", "true")
+        # Arrow for what crosses between the JVM and the driver's Python (toPandas,
+        # createDataFrame of pandas): the driver-side steps of a cycle move whole columns.
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.streaming.stopGracefullyOnShutdown", "true")
         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=warn")
     )

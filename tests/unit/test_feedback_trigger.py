@@ -63,7 +63,7 @@ def test_the_reason_goes_into_model_ready_params(monkeypatch, tmp_path):
 
     calls = {}
 
-    def fake_train_and_publish(spark, settings, topics, sales, trigger, offsets, started, reason):
+    def fake_train_and_publish(spark, settings, topics, sales, trigger, started, reason):
         calls.update(trigger=trigger, reason=reason)
         return SimpleNamespace(model_ready={"model_version": 4})
 
@@ -74,7 +74,6 @@ def test_the_reason_goes_into_model_ready_params(monkeypatch, tmp_path):
     monkeypatch.setattr(job_mod, "train_and_publish", fake_train_and_publish)
     monkeypatch.setattr(job.store, "read", lambda: None)
     monkeypatch.setattr(job.store, "save_state", lambda state: None)
-    monkeypatch.setattr(job_mod, "offset_ranges", lambda sales: [])
     job._maybe_train(now=0.0)
     assert calls["trigger"] == "feedback" and "online precision@10 0.0100" in calls["reason"]
     assert job.model_version == 4 and 3 in job._feedback_fired

@@ -45,3 +45,14 @@ def test_run_without_new_ids_writes_nothing(spark, tmp_path: Path) -> None:
 
 def test_missing_index_loads_empty(spark, tmp_path: Path) -> None:
     assert index.load_index(spark, tmp_path / "nothing").count() == 0
+
+
+def test_extend_numbers_new_ids_but_writes_only_on_save(spark, tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    index.update_index(spark, _ids(spark, "b"), path)
+    grown = index.extend(spark, _ids(spark, "c", "a", "b"), path)
+    assert grown.numbers == {"b": 0, "a": 1, "c": 2} and grown.added == [("a", 1), ("c", 2)]
+    assert _as_dict(grown.frame(spark)) == grown.numbers
+    assert _as_dict(index.load_index(spark, path)) == {"b": 0}  # nothing stored yet
+    grown.save(spark)
+    assert _as_dict(index.load_index(spark, path)) == grown.numbers and grown.added == []

@@ -6,12 +6,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
 from recsys.settings import load
 from spark import recommend, train
-from spark.pipeline import index_path, run_training
+from spark.pipeline import index_path, run_training, save
 
 pytestmark = pytest.mark.unit
 
@@ -111,6 +112,29 @@ def test_with_ids_gives_the_published_shape(spark) -> None:
     assert [(i["product_id"], i["rank"]) for i in row["items"]] == [("85123A", 1), ("71053", 2)]
 
 
+def test_named_lists_on_the_driver_equal_with_ids(spark, model) -> None:
+    matrix = _matrix(spark)
+    bought = recommend.bought_lists(matrix)
+    user_ids = np.array([f"U{u}" for u in range(10)], dtype=object)
+    product_ids = np.array([f"P{p}" for p in range(40)], dtype=object)
+    users = spark.createDataFrame([(n, i) for i, n in enumerate(user_ids)], "id string, idx int")
+    products = spark.createDataFrame(
+        [(n, i) for i, n in enumerate(product_ids)], "id string, idx int"
+    )
+    lists = recommend.top_lists_driver(model, matrix.select("user"), 4, bought)
+    on_driver = recommend.named_lists(spark, lists, user_ids, product_ids)
+    joined = recommend.with_ids(
+        recommend.top_items(model, matrix.select("user"), 4, bought, True), users, products
+    )
+    assert on_driver.schema.simpleString() == joined.schema.simpleString()
+
+    def rows(df):
+        return {r["user_id"]: [(i["product_id"], round(i["score"], 6), i["rank"])
+                               for i in r["items"]] for r in df.collect()}
+
+    assert rows(on_driver) == rows(joined) and on_driver.count() == joined.count() == 10
+
+
 def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path) -> None:
     t0 = datetime(2011, 1, 1)
     rows = []
@@ -133,9 +157,11 @@ def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path) -> None:
     assert set(result.metrics) == set(result.baseline_metrics) >= {"precision_at_k", "rmse"}
     assert int(result.params["eval_users"]) > 0
     assert Path(result.model_path) == Path(conf.models) / "7"
+    save(spark, result)
     assert (Path(result.model_path) / "metadata").exists()
-    recs = {r["user_id"]: r["items"] for r in result.recommendations.collect()}
-    assert len(recs) == 12
+    rows = result.recommendations.collect()
+    recs = {r["user_id"]: r["items"] for r in rows}
+    assert len(recs) == len(rows) == 12  # one list per user
     assert all([i["rank"] for i in items] == [1, 2, 3] for items in recs.values())
     assert not {i["product_id"] for i in recs["U1"]} & {"P1", "P5", "P9", "P11"}  # U1 bought these
     assert Path(index_path(conf, "users")).exists()

@@ -7,7 +7,15 @@ the issue defines it (threshold hit to every recommendation on the topic) is com
 time spent in ALS.fit; model-ready's time is printed beside it, and every recommendation is then
 counted on the topic.
 
-Prints `retrain: cycle C s / ALS.fit F s = R` (targets: cycle <= 60 s, R <= 1.5); never asserts.
+That first cycle runs in a JVM that has ingested but never trained (ALS and the pipeline's queries
+not yet compiled by the JIT); a long-running job's later cycles do not. So the same cycle is run
+once more in the same process (store read -> recommendations on the topic, as a manual retrain):
+the steady state. Both are printed:
+
+    retrain: cycle C s / ALS.fit F s = R  (first model after start ...)
+    retrain_warm: cycle C s / ALS.fit F s = R  (the next cycle ...)
+
+(targets: cycle <= 60 s, R <= 1.5); never asserts.
 Uses the settings' ALS parameters (RECSYS_ALS_RANK, ...). `python -m bench.retrain [--limit N]`.
 """
 
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     from recsys import logs
     from recsys import topics as topic_admin
     from spark import session
-    from spark.job import StreamJob
+    from spark.job import StreamJob, train_and_publish
     from spark.publish import Topics
 
     logs.setup(os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
@@ -73,23 +81,28 @@ def main(argv: list[str] | None = None) -> None:
             job = StreamJob(spark, settings, topics)
             job.start(available_now=True)
             job.run(threading.Event())
+            warm = train_and_publish(spark, settings, topics, job.store.read(), "manual") if (
+                job.published) else None
         finally:
             spark.stop()
-        if not job.published:
+        if not job.published or warm is None:
             print("retrain: no model was trained (see the log)", file=sys.stderr)
             return
-        done = job.published[0]
         on_topic = count_on_topic(settings, topics.recommendations)
-        fit = done.result.train_seconds
-        mr = done.model_ready
-        cycle = done.recommendations_seconds
-        print(
-            f"retrain: cycle {cycle:.1f} s / ALS.fit {fit:.1f} s = {cycle / fit:.2f}  "
-            f"(threshold hit -> {on_topic:,} of {done.recommendations:,} recommendations on the "
-            f"topic; model-ready after {done.cycle_seconds:.1f} s; {mr['events']:,} events, "
-            f"{mr['users']:,} users; rank {settings.als_rank}, {settings.als_max_iter} "
-            "iterations; targets: cycle <= 60 s, ratio <= 1.5)"
-        )
+        for name, done in (("retrain", job.published[0]), ("retrain_warm", warm)):
+            fit = done.result.train_seconds
+            mr = done.model_ready
+            cycle = done.recommendations_seconds
+            what = ("first model after start: threshold hit" if name == "retrain"
+                    else "the next cycle in the same job: retrain")
+            print(
+                f"{name}: cycle {cycle:.1f} s / ALS.fit {fit:.1f} s = {cycle / fit:.2f}  ({what} "
+                f"-> all {done.recommendations:,} recommendations on the topic; model-ready after "
+                f"{done.cycle_seconds:.1f} s; {mr['events']:,} events, {mr['users']:,} users; "
+                f"rank {settings.als_rank}, {settings.als_max_iter} iterations; targets: cycle "
+                "<= 60 s, ratio <= 1.5)"
+            )
+        print(f"retrain: {on_topic:,} recommendation records on the topic (two models)")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,18 @@ Built by `create_app(settings)` rather than at import, so the broker, ports and 
 from the one Settings object and tests build as many apps as they like; the layout inside
 follows Faust's own (app, agents, tables, views).
 
-Guarantees. Processing is at-least-once (Faust's exactly_once has open duplicate bugs): Faust
-flushes the producer (changelog writes, dead letters) before it commits input offsets, and every
-table update is idempotent on the event's deterministic id, so the events a killed worker reads
-again change nothing (streams/tables.py). Tables live in memory (`memory://`; RocksDB is not
-installed) and come back from their changelog topics at start.
+Inputs. `sales` is read by the app's `SalesReader` service (streams/sales_reader.py), a plain
+aiokafka consumer handing whole fetches to `Aggregation.on_sales`: Faust's per-event path held the
+worker near 3,000 sales/s. `recommendations`, `model-ready` and `sales.dlq` stay on Faust agents
+(streams/agents.py).
+
+Guarantees. Processing is at-least-once (Faust's exactly_once has open duplicate bugs): the
+producer is flushed (changelog writes, dead letters acked) before input offsets are committed, by
+Faust for its agents and by the reader for `sales` (its own group, `<app id>-sales`). Every table
+update is idempotent on the event's deterministic id, so the events a killed worker reads again
+change nothing (streams/tables.py). Tables live in memory (`memory://`; RocksDB is not installed)
+and come back from their changelog topics at start; the reader reads only once they have (and
+pauses while Faust rebalances). One worker holds every partition.
 
 Topics. The declared topics (schemas/topics.py) must exist (`recsys topics create`): Faust never
 creates them, as they are not `internal`. Faust creates its own topics through the admin API,
@@ -16,6 +23,9 @@ which works with the broker's auto.create.topics.enable=false:
 
     recsys-aggregate-<table>-changelog   compacted, one per table
     recsys-aggregate-__assignor-__leader
+
+Consumer groups: `recsys-aggregate` (Faust's agents and changelogs), `recsys-aggregate-sales`
+(the sales reader's commits; it assigns itself the partitions, so the group has no members).
 
 Partitions are read from the broker at start, so the tables match their source topics.
 """
@@ -39,6 +49,7 @@ from streams import tables as tables_mod
 from streams import views
 from streams.faust_codec import AvroCodec
 from streams.feedback import horizon_ms
+from streams.sales_reader import Lists, SalesReader, aiokafka_admin, aiokafka_consumer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,7 @@ class Aggregator:
     topics: agents_mod.Topics
     aggregation: agents_mod.Aggregation
     agents: dict[str, Any]
+    sales_reader: SalesReader
 
 
 def app_id(topic_prefix: str = "") -> str:
@@ -181,6 +193,21 @@ def create_app(
     agents = agents_mod.register(app, settings, topics, aggregation)
     views.register(app, aggregation)
 
+    # `sales` is read by its own consumer, not by a Faust agent (streams/sales_reader.py). It
+    # starts after the first recovery (Faust starts app services then), reads once `resume` is
+    # called below, and pauses while Faust rebalances and restores the tables.
+    sales_group = f"{app.conf.id}-sales"
+    sales_reader = SalesReader(
+        aggregation, topic=topics.sales.get_topic_name(), partitions=parts[T.SALES],
+        consumer=aiokafka_consumer(settings, sales_group), crash=app.crash,
+        lists=Lists(topics.recommendations.get_topic_name(), parts[T.RECOMMENDATIONS],
+                    app.conf.id, aiokafka_admin(settings, sales_group)))
+    app.service(sales_reader)
+
+    @app.on_partitions_revoked.connect
+    async def _pause_sales(_app: Any, revoked: Any, **_: Any) -> None:
+        await sales_reader.pause()  # the fetch being handled commits before the tables move
+
     @tables.sales_batches.on_recover
     async def _recovered() -> None:
         # Faust resumes the flow to read the changelogs; after this callback it resumes the
@@ -197,8 +224,10 @@ def create_app(
                          "changelog topics (%s-*-changelog) hold a format this version does not "
                          "read", type(exc).__name__, exc, app.conf.id)
             await app.crash(exc)
+            return
+        sales_reader.resume()  # not an agent: it reads on once the views are derived
 
-    return Aggregator(app, tables, state, topics, aggregation, agents)
+    return Aggregator(app, tables, state, topics, aggregation, agents, sales_reader)
 
 
 def _with_flags(settings: Settings, args: argparse.Namespace) -> Settings:

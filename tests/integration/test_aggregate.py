@@ -11,7 +11,8 @@ app id, so sharing the session broker with other tests would mix state). The tes
 4. compares /stats with a recomputation from the source topics read back from Kafka: totals,
    every product, per-minute counts, dead letters by reason, and the feedback of the window
    (also on the `feedback` topic); nothing lost, nothing counted twice;
-5. asks /recommendations for a known and an unknown user.
+5. asks /recommendations for a known and an unknown user;
+6. stops the worker with SIGTERM: the sales reader has committed every sale it read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -279,24 +281,26 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
                         == distinct_first)
 
         # Second half, killed mid-way.
-        second = sales_records(rng, 10_000, range(6, 12), 1500)
+        # Large enough that the kill lands mid-ingest: the sales reader takes ~10,000/s or more.
+        second = sales_records(rng, 10_000, range(6, 12), 10_000)
         produce(settings, second)
         worker.wait_for("part of the second half",
                         lambda: worker.stats()["sales"]["events"] > distinct_first + 1500,
                         timeout=WAIT)
         worker.kill()
-        counted_at_kill = None
         worker = Worker(settings, port, tmp_path / "worker.log").start()
         worker.wait_for("recovery", lambda: worker.get("/ready")[0] == 200)
-        counted_at_kill = worker.stats()["sales"]["events"]
         total = distinct_first + len({r[2] for r in second})
+        recovered = int(re.findall(r"tables recovered .*?, (\d+) sales",
+                                   worker.log_path.read_text())[-1])
+        assert recovered < total, "killed after the last sale: the restart had nothing to read"
         worker.wait_for("every sale", lambda: worker.stats()["sales"]["events"] >= total)
         time.sleep(2)  # anything counted twice would show up now
         stats = worker.stats()
         want = expected(settings, lists, stats["ingest"]["stream_time"])
 
         got_totals = {k: stats["sales"][k] for k in want["totals"]}
-        assert got_totals == want["totals"], f"recovered {counted_at_kill} at restart"
+        assert got_totals == want["totals"], f"recovered {recovered} at restart"
         top = {t["product_id"]: [t["sales"], t["returns"], t["quantity"]]
                for t in stats["top_products"]}
         assert top == {p: want["products"][p] for p in top}
@@ -341,5 +345,26 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
             p for p, v in want["products"].items() if v[0] == best[1][0]}
 
         assert worker.stop() == 0, worker.tail()
+        # The sales reader committed everything it counted, under its own group.
+        assert sales_committed(settings, "recsys-aggregate-sales") == sales_ends(settings)
     finally:
         worker.kill()
+
+
+def sales_ends(settings: Settings) -> dict[int, int]:
+    consumer = Consumer(consumer_config(settings, f"check-{os.urandom(4).hex()}"))
+    try:
+        md = consumer.list_topics(T.SALES, timeout=10).topics[T.SALES]
+        return {p: consumer.get_watermark_offsets(TopicPartition(T.SALES, p), timeout=10)[1]
+                for p in md.partitions}
+    finally:
+        consumer.close()
+
+
+def sales_committed(settings: Settings, group: str) -> dict[int, int]:
+    consumer = Consumer(consumer_config(settings, group))
+    try:
+        parts = [TopicPartition(T.SALES, p) for p in sales_ends(settings)]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()

@@ -1,7 +1,9 @@
 """The agents' logic on hand-built streams with known hits: through Faust's test_context (the real
-agents, no broker: the tables' changelog writes are recorded instead of produced), and through
-`Aggregation` directly with a changelog model that loses unflushed writes, to show a worker
-killed at any point and replayed counts every sale exactly once."""
+agents, no broker: the tables' changelog writes are recorded instead of produced), through the
+sales reader's fetch handling with a fake consumer (write -> flush -> commit, pauses around
+Faust's recoveries), and through `Aggregation` directly with a changelog model that loses
+unflushed writes, to show a worker killed at any point and replayed counts every sale exactly
+once."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from recsys import settings as settings_mod
+from schemas import codec
 from streams import views
 from streams.agents import Aggregation, Topics
 from streams.faust_codec import Undecodable
@@ -130,6 +133,65 @@ class Sent(list):
 
 TOPICS = Topics(sales="sales", dead_letters=SimpleNamespace(get_topic_name=lambda: "sales.dlq"),
                 model_ready="model-ready", recommendations="recommendations", feedback="feedback")
+
+
+# --- the sales reader's Kafka side ---------------------------------------------------------------
+
+
+def record(value: dict[str, Any] | bytes | None, partition: int, offset: int, ts_ms: int,
+           topic: str = "sales") -> SimpleNamespace:
+    """An aiokafka ConsumerRecord as the reader reads it (a dict value is encoded as a Sale)."""
+    if isinstance(value, dict):
+        value = codec.encode("Sale", value)
+    return SimpleNamespace(topic=topic, partition=partition, offset=offset, timestamp=ts_ms,
+                           key=None, value=value)
+
+
+def fetched(records: list[SimpleNamespace]) -> dict[tuple[str, int], list[SimpleNamespace]]:
+    """What getmany returns: records by partition, in offset order."""
+    out: dict[tuple[str, int], list[SimpleNamespace]] = {}
+    for r in records:
+        out.setdefault((r.topic, r.partition), []).append(r)
+    return out
+
+
+class FakeConsumer:
+    """An AIOKafkaConsumer that hands out the fetches it is given and logs its commits."""
+
+    def __init__(self, log: Log, fetches: list[dict] = ()) -> None:
+        self.log = log
+        self.fetches: asyncio.Queue[dict] = asyncio.Queue()
+        for f in fetches:
+            self.fetches.put_nowait(f)
+        self.fetch_calls = 0
+        self.assigned: list[Any] = []
+        self.started = self.stopped = False
+        self.ends: dict[int, int] = {}  # end offsets of `recommendations` by partition
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = list(partitions)
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        self.fetch_calls += 1
+        try:
+            return await asyncio.wait_for(self.fetches.get(), timeout_ms / 1000)
+        except TimeoutError:
+            return {}
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        self.log.entries.append(("commit", {(tp[0], tp[1]): o for tp, o in offsets.items()}))
+
+    async def beginning_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: 0 for tp in tps}
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: self.ends.get(tp.partition, 0) for tp in tps}
 
 
 def aggregation(settings, log: Log, restore: list[tuple] = ()) -> tuple[Aggregation, Sent]:
@@ -316,12 +378,14 @@ def test_agents_in_faust_test_context(settings):
                                 wait=False)
             await until(lambda: aggregator.state.recs.versions.get(1, None) is not None
                         and aggregator.state.recs.versions[1].users == 2)
-        async with aggregator.agents["sales"].test_context() as agent:
-            for i, (m, u, p, q) in enumerate(SALES[:5]):
-                await agent.put(sale(i, u, p, q), key=u.encode(),
-                                timestamp=(T0 + m * BUCKET_MS + i) / 1000, wait=False)
-            await agent.put(sale(0, "u1", "a"), key=b"u1", timestamp=T0 / 1000, wait=False)
-            await until(lambda: aggregator.state.counters["sales_in"] == 6)
+        # Sales come through the reader's fetch handling (no Faust agent reads them).
+        reader = aggregator.sales_reader
+        reader.consumer = FakeConsumer(log)
+        records = [record(sale(i, u, p, q), 0, i, T0 + m * BUCKET_MS + i)
+                   for i, (m, u, p, q) in enumerate(SALES[:5])]
+        records.append(record(sale(0, "u1", "a"), 0, 5, T0 + 5))  # a duplicate of e0
+        await reader.handle(fetched(records))
+        assert aggregator.state.counters["sales_in"] == 6
         return aggregator, log.entries
 
     aggregator, changelog = run(scenario())
@@ -330,9 +394,10 @@ def test_agents_in_faust_test_context(settings):
     assert (counts.sales, counts.hits, counts.n_users, counts.hit_pairs) == (4, 3, 2, 2)
     assert aggregator.state.counters["sales_duplicate"] == 1
     assert aggregator.tables.recs["u2"]["items"] == [["c", 1.0], ["d", 0.5]]
-    written = {(name, key) for name, key, *_ in changelog if name != "flush"}
+    written = {(e[0], e[1]) for e in changelog if e[0] not in ("flush", "commit")}
     assert ("recs", "u1") in written and ("model_recs", "1:u2") in written
     assert any(name == "sales_batches" for name, _ in written)
+    assert changelog[-2:] == [Log.FLUSH, ("commit", {("sales", 0): 6})]
 
 
 def test_events_fetched_while_recovery_seeks_are_not_thrown_away(settings):
@@ -362,6 +427,171 @@ def test_events_fetched_while_recovery_seeks_are_not_thrown_away(settings):
         return [queue.get_nowait() for _ in range(queue.qsize())]
 
     assert run(scenario()) == ["sales[0]@563"]
+
+
+async def until(check: Any, what: str = "the reader did not get there") -> None:
+    for _ in range(250):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(what)
+
+
+def reader_of(agg: Aggregation, consumer: FakeConsumer, crashed: list | None = None) -> Any:
+    from streams.sales_reader import SalesReader
+
+    async def crash(exc: BaseException) -> None:
+        (crashed if crashed is not None else []).append(exc)
+
+    return SalesReader(agg, topic="sales", partitions=2, consumer=lambda: consumer, crash=crash)
+
+
+def test_sales_reader_commits_a_fetch_after_its_writes_are_flushed(settings):
+    """Per fetch: dead letters sent and tables written, then the flush, then the commit of the
+    next offset of each partition; a killed worker reads again everything not committed."""
+    log = Log()
+    state = State(horizon_ms(settings.feedback_horizon_seconds), settings.aggregate_keep_models)
+
+    async def send(topic: Any, key: bytes, value: dict[str, Any]) -> None:
+        log.entries.append(("send", key, value["reason"]))
+
+    agg = Aggregation(settings, fake_tables(log), state, TOPICS, log.flush, send)
+    agg.state.recovered = True
+    consumer = FakeConsumer(log)
+    reader = reader_of(agg, consumer)
+    reader.consumer = consumer
+    events = sales_events()
+    records = [record(e.value, e.message.partition, e.message.offset,
+                      round(e.message.timestamp * 1000)) for e in events]
+    records += [record(b"not avro at all", 1, 5, T0 + 8 * BUCKET_MS), record(None, 1, 6, T0 + 8 * BUCKET_MS)]
+    assert run(reader.handle(fetched(records))) == len(events)
+    *work, last_flush, commit = log.entries
+    assert last_flush == Log.FLUSH and commit == ("commit", {("sales", 0): 7, ("sales", 1): 7})
+    assert ("send", b"sales[1]@5", "bad marker 6e6f (want c301)") in work
+    assert sum(1 for e in work if e[0] == "sales_batches") >= 2  # one per partition at least
+    assert agg.state.counters["tombstones"] == 1 and agg.state.counters["sales_in"] == 14
+    assert agg.state.sales.totals()["events"] == len(events)
+
+
+def test_sales_reader_reads_only_between_recoveries_and_commits_before_it_pauses(settings):
+    """The reader's side of Faust's recovery: nothing is read before the tables are recovered; a
+    fetch that arrives while Faust rebalances waits for the recovery (it is not handled while the
+    tables are being restored, and not thrown away); a pause or a stop waits until the fetch
+    being handled is committed."""
+    log = Log()
+    agg, _ = aggregation(settings, log)
+    events = sales_events()
+    records = [record(e.value, e.message.partition, e.message.offset,
+                      round(e.message.timestamp * 1000)) for e in events]
+    first, second = records[:6], records[6:]
+    consumer = FakeConsumer(log)
+    crashed: list[BaseException] = []
+    reader = reader_of(agg, consumer, crashed)
+    commits = lambda: [e for e in log.entries if e[0] == "commit"]  # noqa: E731
+
+    async def scenario() -> None:
+        await reader.start()
+        await asyncio.sleep(0.05)
+        assert consumer.started and consumer.fetch_calls == 0  # the tables are not recovered yet
+        assert [tuple(tp) for tp in consumer.assigned] == [("sales", 0), ("sales", 1)]
+        reader.resume()  # the on_recover callback
+        await until(lambda: consumer.fetch_calls == 1)  # waiting for records
+        await reader.pause()  # Faust begins a rebalance
+        consumer.fetches.put_nowait(fetched(first))  # ... and records arrive meanwhile
+        await asyncio.sleep(0.1)
+        assert commits() == [] and agg.state.counters["sales_in"] == 0
+        reader.resume()  # recovered again
+        await until(lambda: len(commits()) == 1)
+        assert agg.state.counters["sales_in"] == len(first)
+
+        hold = asyncio.Event()
+
+        async def slow_flush() -> None:  # the broker is slow to ack the changelog writes
+            await hold.wait()
+            log.entries.append(Log.FLUSH)
+
+        agg.flush = slow_flush
+        consumer.fetches.put_nowait(fetched(second))
+        await until(lambda: agg.state.counters["sales_in"] > len(first))  # handling it
+        pausing = asyncio.ensure_future(reader.pause())
+        await asyncio.sleep(0.05)
+        assert not pausing.done() and len(commits()) == 1
+        hold.set()
+        await asyncio.wait_for(pausing, 1)
+        assert log.entries[-1] == ("commit", {("sales", 0): 7, ("sales", 1): 5})
+        await reader.stop()
+        assert consumer.stopped and crashed == []
+
+    run(scenario())
+    assert agg.state.sales.totals()["events"] == len(events)
+
+
+def test_sales_wait_until_faust_has_read_the_lists_published_before(settings, monkeypatch):
+    """After a start (or a rebalance) the reader lets Faust's agent read the lists already on
+    `recommendations` first (it is much slower), so a backlog of sales is judged against them."""
+    from streams import sales_reader as sr
+
+    log = Log()
+    agg, _ = aggregation(settings, log)
+    consumer = FakeConsumer(log, [fetched([record(sale(1, "u1", "a"), 0, 0, T0)])])
+    consumer.ends = {0: 40, 1: 0}  # partition 1 is empty
+    committed = {0: 25}  # Faust's group: partition 0 read up to 25 so far, 1 never
+
+    class Admin:
+        calls = 0
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def list_consumer_group_offsets(self, group: str, partitions: list) -> dict:
+            assert group == "recsys-aggregate"
+            Admin.calls += 1
+            return {tp: SimpleNamespace(offset=committed.get(tp.partition, -1))
+                    for tp in partitions}
+
+    reader = reader_of(agg, consumer)
+    reader.lists = sr.Lists("recommendations", 2, "recsys-aggregate", Admin)
+
+    async def scenario() -> None:
+        await reader.start()
+        reader.resume()
+        await until(lambda: Admin.calls >= 2)
+        assert consumer.fetch_calls == 0  # Faust is still reading lists
+        committed[0] = 40
+        await until(lambda: agg.state.counters["sales_in"] == 1)
+        calls = Admin.calls
+        await reader.pause()
+        reader.resume()  # after a rebalance: asked again (and caught up at once)
+        await until(lambda: Admin.calls == calls + 1)
+        await reader.stop()
+
+    monkeypatch.setattr(sr, "LISTS_POLL", 0.01)
+    run(scenario())
+
+
+def test_sales_reader_stops_the_worker_when_a_commit_fails(settings):
+    log = Log()
+    agg, _ = aggregation(settings, log)
+    consumer = FakeConsumer(log, [fetched([record(sale(1, "u1", "a"), 0, 0, T0)])])
+
+    async def refuse(offsets: Any) -> None:
+        raise RuntimeError("CommitFailedError")
+
+    consumer.commit = refuse
+    crashed: list[BaseException] = []
+    reader = reader_of(agg, consumer, crashed)
+
+    async def scenario() -> None:
+        await reader.start()
+        reader.resume()
+        await until(lambda: crashed)
+        await reader.stop()
+
+    run(scenario())
+    assert str(crashed[0]) == "CommitFailedError"
 
 
 def test_drain_buffer_waits_until_faust_buffer_is_empty():

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What one cycle produced; `recommendations` is cached and counted (cheap to publish)."""
+    """What one cycle produced; `recommendations` is cached (computed once, at its first use)."""
 
     model_version: int
     metrics: dict[str, float]
@@ -150,14 +150,14 @@ def run_training(
     bought = recommend.bought_lists(full) if settings.filter_bought else None
     factors = (counts["products"] + counts["users"]) * settings.als_rank
     on_driver = factors <= recommend.DRIVER_MAX_FLOATS
-    if on_driver:  # scored, and the ids mapped back, on the driver
+    if on_driver:  # scored, and the ids mapped back, on the driver: counted there
         lists = recommend.top_lists_driver(model, full.select("user"), settings.top_n, bought)
-        recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes))
+        recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes)).cache()
+        n_recs = int((lists["items"].map(len) > 0).sum())
     else:
         long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, False)
-        recs = recommend.with_ids(long_recs, users, products)
-    recs = recs.cache()
-    n_recs = recs.count()
+        recs = recommend.with_ids(long_recs, users, products).cache()
+        n_recs = recs.count()
     step("recommendations")
     step.log()
 

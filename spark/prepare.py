@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -66,16 +66,17 @@ def _timestamp(value: datetime) -> Column:
 
 
 def time_cutoff(events: DataFrame, test_fraction: float) -> datetime | None:
-    """The first event time after the (1 - test_fraction) quantile (approximate): events from it
-    on are about the latest `test_fraction`. None when there are no events, or all share a time."""
-    micros = events.agg(
-        F.percentile_approx(F.unix_micros("event_time"), 1.0 - test_fraction, 10_000)
-    ).first()[0]
-    if micros is None:
+    """The cut that holds out about the latest `test_fraction` of events: just after the
+    (1 - test_fraction) quantile of event time (approximate), so events after the quantile are
+    test. None when there are no events, or none after the quantile (all share a time). One job."""
+    micros = F.unix_micros("event_time")
+    row = events.agg(
+        F.percentile_approx(micros, 1.0 - test_fraction, 10_000).alias("q"),
+        F.max(micros).alias("last"),
+    ).first()
+    if row["q"] is None or row["q"] >= row["last"]:
         return None
-    after = F.col("event_time") > F.timestamp_micros(F.lit(micros))
-    first = events.where(after).agg(F.min("event_time")).first()[0]
-    return first
+    return datetime(1970, 1, 1) + timedelta(microseconds=int(row["q"]) + 1)
 
 
 def split_events(events: DataFrame, settings: Settings) -> Split:

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         description="Train anyway when this many seconds passed since the last model and "
         "at least one new event arrived (0: off).",
     )
+    warm_up: bool = Field(
+        True,
+        description="`recsys stream`: once half the threshold (or of the max wait) is reached, "
+        "run one throw-away training cycle on synthetic events, so the first real one finds "
+        "Spark's generated code and the JIT warm (spark/warmup.py).",
+    )
     split: Literal["time", "random"] = Field(
         "time", description="Train/test split: chronological or seeded random."
     )

@@ -221,6 +221,7 @@ class StreamJob:
         self.feedback: FeedbackWatch | None = None
         self._feedback_fired: set[int] = set()  # versions already retrained for their feedback
         self._reason: str | None = None
+        self._warmed = False  # spark.warmup ran in this job
 
     # -- life cycle --
     def start(self, available_now: bool = False) -> StreamingQuery:
@@ -373,6 +374,7 @@ class StreamJob:
                 read / seconds if seconds else 0.0, ranges, self.state.since_model,
                 self.settings.train_threshold,
             )
+            self._maybe_warm_up(now)
             self._maybe_train(now)  # (4)
 
     def _dead_letter(self, bad: DataFrame, n_bad: int) -> None:
@@ -409,6 +411,30 @@ class StreamJob:
                 self._reason = reason
                 return "feedback"
         return None
+
+    def near(self, now: float) -> bool:
+        """Is a model coming soon: half the threshold reached, or half the max wait passed with
+        a new event? (When the job warms up, see `spark.warmup`.)"""
+        s, since = self.settings, self.state.since_model
+        if since >= s.train_threshold / 2:
+            return True
+        if s.train_max_wait_seconds and since >= 1:
+            ref = self.state.last_model_at or self.state.pending_since or now
+            return now - ref >= s.train_max_wait_seconds / 2
+        return False
+
+    def _maybe_warm_up(self, now: float) -> None:
+        """Warm up once per job, while a model is near but not due yet (a due model trains at
+        once: waiting for a warm-up would only delay it)."""
+        if self._warmed or not self.settings.warm_up or not self.near(now) or self.due(now):
+            return
+        from spark import warmup
+
+        self._warmed = True
+        try:
+            warmup.warm_up(self.spark, self.settings)
+        except Exception:  # only speed is lost
+            log.exception("warm-up failed; the first model will train on a cold JVM")
 
     def _maybe_train(self, now: float) -> None:
         trigger = self.due(now)

@@ -32,7 +32,7 @@ USERS, PRODUCTS, EVENTS = 300, 150, 4_000
 _CHATTY = ("pipeline", "train", "evaluate", "recommend", "index")
 
 
-def synthetic_frame(spark: SparkSession, seed: int) -> "pd.DataFrame":
+def synthetic_frame(spark: SparkSession, seed: int) -> pd.DataFrame:
     """`EVENTS` seeded synthetic sales in the store's columns (as pandas)."""
     from streams.synthetic import SyntheticSales
 

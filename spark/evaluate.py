@@ -29,6 +29,7 @@ import logging
 import math
 
 import numpy as np
+import pandas as pd
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -49,11 +50,17 @@ def on_driver(pairs: int, rank: int) -> bool:
 
 
 def model_and_baseline(
-    model: ALSModel, train: DataFrame, test: DataFrame, k: int, implicit: bool, driver: bool
+    model: ALSModel,
+    train: DataFrame | pd.DataFrame,
+    test: DataFrame | pd.DataFrame,
+    k: int,
+    implicit: bool,
+    driver: bool,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The metrics of `model` (fitted on `train`) and of the popularity baseline on `test`; each
-    dict has the METRIC_NAMES and "eval_users". `driver`: see `on_driver`."""
-    if driver:
+    dict has the METRIC_NAMES and "eval_users". `driver`: see `on_driver`; matrices already on
+    the driver (pandas: user, item, rating) are evaluated there."""
+    if driver or isinstance(train, pd.DataFrame):
         return _model_and_baseline_driver(model, train, test, k, implicit)
     return _model_and_baseline_spark(model, train, test, k, implicit)
 
@@ -202,19 +209,18 @@ def popularity_rmse(train: DataFrame, test: DataFrame, implicit: bool) -> float:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def _by_user(matrix: DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """user -> (items, ratings) of the matrix's rows, in one Arrow transfer of one row per user."""
-    pairs = F.sort_array(F.collect_list(F.struct("item", "rating")))
-    rows = (
-        matrix.groupBy("user")
-        .agg(pairs.alias("p"))
-        .select("user", F.col("p.item").alias("items"), F.col("p.rating").alias("ratings"))
-        .toPandas()
-    )
-    return {
-        int(user): (np.asarray(items, dtype=np.int64), np.asarray(ratings, dtype=np.float64))
-        for user, items, ratings in zip(rows["user"], rows["items"], rows["ratings"], strict=True)
-    }
+def by_user(pairs: DataFrame | pd.DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """user -> (items, ratings) of a matrix's rows (columns user, item, rating), items in
+    ascending order; a Spark matrix comes over in one Arrow transfer."""
+    if not isinstance(pairs, pd.DataFrame):
+        pairs = pairs.select("user", "item", "rating").toPandas()
+    pairs = pairs.sort_values(["user", "item"], kind="stable")
+    users = pairs["user"].to_numpy(np.int64)
+    items = pairs["item"].to_numpy(np.int64)
+    ratings = pairs["rating"].to_numpy(np.float64)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else []
+    ends = np.r_[starts[1:], len(users)] if len(users) else []
+    return {int(users[a]): (items[a:b], ratings[a:b]) for a, b in zip(starts, ends, strict=True)}
 
 
 def ranking_metrics_local(
@@ -256,9 +262,13 @@ def rmse_local(prediction: np.ndarray, label: np.ndarray) -> float:
 
 
 def _model_and_baseline_driver(
-    model: ALSModel, train: DataFrame, test: DataFrame, k: int, implicit: bool
+    model: ALSModel,
+    train: DataFrame | pd.DataFrame,
+    test: DataFrame | pd.DataFrame,
+    k: int,
+    implicit: bool,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    train_by_user, test_by_user = _by_user(train), _by_user(test)
+    train_by_user, test_by_user = by_user(train), by_user(test)
     bought = {user: set(items.tolist()) for user, (items, _) in train_by_user.items()}
     relevant = {}  # new purchases of known users, as in `relevant_items`
     for user, (items, _) in test_by_user.items():

@@ -14,6 +14,7 @@ saved, no stored thing refers to them, so a cycle that dies in between loses not
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,14 +100,19 @@ def extend(spark: SparkSession, ids: DataFrame, path: str | Path) -> Index:
     does with its labels): users and products number in the thousands to millions, and a set
     difference there costs one Spark job where a distributed anti-join cost five.
     """
+    column = F.col(ids.columns[0]).cast("string")
+    wanted = ids.select(column.alias("id")).where("id IS NOT NULL").distinct().toPandas()
+    return extend_ids(spark, wanted["id"], path)
+
+
+def extend_ids(spark: SparkSession, ids: Iterable[str], path: str | Path) -> Index:
+    """`extend` for ids already on the driver (any iterable of strings, repeats allowed)."""
     path = str(path)
     numbers: dict[str, int] = {}
     if _exists(spark, path):
         stored = load_index(spark, path).toPandas()
         numbers = dict(zip(stored["id"], stored["idx"].astype(int).tolist(), strict=True))
-    column = F.col(ids.columns[0]).cast("string")
-    wanted = ids.select(column.alias("id")).where("id IS NOT NULL").distinct().toPandas()
-    new = sorted(set(wanted["id"]) - numbers.keys())  # code point order = Spark's order
+    new = sorted(set(ids) - numbers.keys())  # code point order = Spark's order
     start = max(numbers.values(), default=-1)
     if start + len(new) >= 2**31 - 1:
         raise OverflowError(f"index {path} is full: ALS ids are 32-bit integers")

@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from recsys.settings import Settings
 from spark import evaluate, index, prepare, recommend, train
@@ -81,20 +84,154 @@ def _nan_metrics() -> dict[str, float]:
 
 
 def _evaluate(
-    train_m: DataFrame, test_m: DataFrame, pairs: int, settings: Settings
+    train_m: DataFrame,
+    test_m: DataFrame,
+    pairs: int,
+    settings: Settings,
+    local: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], float, int]:
-    """Fit on train, score the model and popularity on test; (model, baseline, fit s, users)."""
+    """Fit on train, score the model and popularity on test; (model, baseline, fit s, users).
+    `local`: the same train and test matrices already on the driver."""
     model, seconds = train.fit(train_m, settings)
     started = time.perf_counter()
     driver = evaluate.on_driver(pairs, settings.als_rank)
+    train_e, test_e = local if local is not None and driver else (train_m, test_m)
     metrics, baseline = evaluate.model_and_baseline(
-        model, train_m, test_m, settings.eval_k, settings.als_mode == "implicit", driver
+        model, train_e, test_e, settings.eval_k, settings.als_mode == "implicit", driver
     )
     log.info("metrics of the model and popularity: %.1f s (on the %s)",
              time.perf_counter() - started, "driver" if driver else "cluster")
     users = int(metrics.pop("eval_users"))
     baseline.pop("eval_users")
     return metrics, baseline, seconds, users
+
+
+# Up to this many sales, a cycle prepares its matrices on the driver (`_prepare_on_driver`):
+# ~50 MB of columns there, and several Spark jobs less than on the cluster.
+DRIVER_MAX_EVENTS = 2_000_000
+
+_EPOCH = datetime(1970, 1, 1)
+MATRIX_SCHEMA = T.StructType(
+    [T.StructField(c, T.IntegerType()) for c in ("user", "item")]
+    + [T.StructField(c, T.LongType()) for c in ("train", "test", "all")]
+)
+
+
+@dataclass
+class Prepared:
+    """The events made ALS input: the three matrices side by side (`prepare.matrices`' shape,
+    cached), their sizes, the time cut and the indexes with the cycle's new ids."""
+
+    matrix: DataFrame
+    counts: dict[str, int]  # positive pairs of train, test, all; users and products of all
+    cutoff: datetime | None
+    indexes: tuple[index.Index, index.Index]  # users, products
+    events: int
+    first: datetime  # event time, naive UTC
+    last: datetime
+    pairs: pd.DataFrame | None = None  # `matrix` on the driver, when it was prepared there
+
+
+def _micros_time(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(micros))
+
+
+def _prepare_on_cluster(
+    spark: SparkSession, sales: DataFrame, settings: Settings, step: _Steps
+) -> Prepared:
+    """Index, split and net with Spark jobs (for stores too big for the driver)."""
+    events = prepare.valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
+    users = products = None
+    try:
+        micros = F.unix_micros("event_time")
+        stats = events.agg(
+            F.count(F.lit(1)).alias("n"), F.min(micros).alias("lo"), F.max(micros).alias("hi")
+        ).first()
+        if not stats["n"]:
+            raise ValueError("no valid events to train on")
+        indexes = (
+            index.extend(spark, events.select("user_id"), index_path(settings, "users")),
+            index.extend(spark, events.select("product_id"), index_path(settings, "products")),
+        )
+        users, products = (ix.frame(spark).cache() for ix in indexes)
+        step("events, index")
+        split = prepare.split_events(events, settings)
+        matrix = prepare.matrices(split, users, products, settings).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        positive = {which: F.col(which) > 0 for which in ("train", "test", "all")}
+        row = matrix.agg(  # one job: it caches `matrix` too
+            *(F.count_if(is_positive).alias(which) for which, is_positive in positive.items()),
+            F.count_distinct(F.when(positive["all"], F.col("user"))).alias("users"),
+            F.count_distinct(F.when(positive["all"], F.col("item"))).alias("products"),
+        ).first()
+    finally:
+        events.unpersist()
+        for frame in (users, products):
+            if frame is not None:
+                frame.unpersist()
+    counts = {k: int(row[k]) for k in ("train", "test", "all", "users", "products")}
+    return Prepared(matrix, counts, split.cutoff, indexes, int(stats["n"]),
+                    _micros_time(stats["lo"]), _micros_time(stats["hi"]))
+
+
+def _prepare_on_driver(
+    spark: SparkSession, sales: DataFrame, settings: Settings, step: _Steps
+) -> Prepared:
+    """The same as `_prepare_on_cluster` with one Spark job: the events' columns are collected
+    (Arrow), indexed, split and netted with numpy, and the netted pairs go back as one cached
+    DataFrame. The random split's side is decided in Spark (its hash is Spark's xxhash64)."""
+    events = prepare.valid_events(sales)
+    columns = [
+        "user_id", "product_id", "quantity", F.unix_micros("event_time").alias("micros")
+    ]
+    if settings.split == "random":
+        columns.append(prepare.split_events(events, settings).is_test.alias("is_test"))
+    frame = events.select(*columns).toPandas()
+    if frame.empty:
+        raise ValueError("no valid events to train on")
+    user_code, user_ids = pd.factorize(frame["user_id"])
+    item_code, product_ids = pd.factorize(frame["product_id"])
+    indexes = (
+        index.extend_ids(spark, user_ids, index_path(settings, "users")),
+        index.extend_ids(spark, product_ids, index_path(settings, "products")),
+    )
+    step("events, index")
+
+    micros = frame["micros"].to_numpy(np.int64)
+    cutoff: datetime | None = None
+    if settings.split == "random":
+        is_test = frame["is_test"].to_numpy(bool)
+    else:
+        cut = settings.split_cutoff
+        if cut is not None:
+            if cut.tzinfo is not None:
+                cut = cut.astimezone(UTC).replace(tzinfo=None)
+            cut_micros: int | None = (cut - _EPOCH) // timedelta(microseconds=1)
+        else:
+            cut_micros = prepare.cutoff_local(micros, settings.test_fraction)
+        if cut_micros is None:
+            is_test = np.zeros(len(frame), dtype=bool)
+        else:
+            is_test = micros >= cut_micros
+            cutoff = _micros_time(cut_micros)
+    numbers = [np.array([ix.numbers[i] for i in ids], dtype=np.int32)
+               for ix, ids in zip(indexes, (user_ids, product_ids), strict=True)]
+    net = prepare.matrices_local(
+        numbers[0][user_code], numbers[1][item_code], frame["quantity"].to_numpy(), is_test
+    )
+    matrix = spark.createDataFrame(net, MATRIX_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    matrix.count()  # cached now, so ALS.fit's seconds count ALS only
+    bought = net[net["all"] > 0]
+    counts = {
+        "train": int((net["train"] > 0).sum()),
+        "test": int((net["test"] > 0).sum()),
+        "all": len(bought),
+        "users": int(bought["user"].nunique()),
+        "products": int(bought["item"].nunique()),
+    }
+    return Prepared(matrix, counts, cutoff, indexes, len(frame), _micros_time(micros.min()),
+                    _micros_time(micros.max()), net)
 
 
 def run_training(
@@ -105,37 +242,21 @@ def run_training(
     when there is nothing to train on."""
     started = time.perf_counter()
     step = _Steps(f"model {model_version}")
-    events = prepare.valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
-    stats = events.agg(
-        F.count(F.lit(1)).alias("n"), F.min("event_time").alias("lo"),
-        F.max("event_time").alias("hi"),
-    ).first()
-    if not stats["n"]:
-        events.unpersist()
-        raise ValueError("no valid events to train on")
-    indexes = (
-        index.extend(spark, events.select("user_id"), index_path(settings, "users")),
-        index.extend(spark, events.select("product_id"), index_path(settings, "products")),
-    )
-    users, products = (ix.frame(spark).cache() for ix in indexes)
-    step("events, index")
-
-    split = prepare.split_events(events, settings)
-    matrix = prepare.matrices(split, users, products, settings).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
-    positive = {which: F.col(which) > 0 for which in ("train", "test", "all")}
-    counts = matrix.agg(  # one job: it caches `matrix` too
-        *(F.count_if(is_positive).alias(which) for which, is_positive in positive.items()),
-        F.count_distinct(F.when(positive["all"], F.col("user"))).alias("users"),
-        F.count_distinct(F.when(positive["all"], F.col("item"))).alias("products"),
-    ).first()
+    small = sales.count() <= DRIVER_MAX_EVENTS  # a Parquet store counts from its footers
+    prep = (_prepare_on_driver if small else _prepare_on_cluster)(spark, sales, settings, step)
+    matrix, counts, indexes = prep.matrix, prep.counts, prep.indexes
+    users, products = (ix.frame(spark) for ix in indexes)
     train_pairs, test_pairs, n_pairs = counts["train"], counts["test"], counts["all"]
     train_m, test_m, full = (prepare.side(matrix, w, settings) for w in ("train", "test", "all"))
+    # Prepared on the driver: the same matrices are there too, for evaluation and recommending.
+    local = None if prep.pairs is None else {
+        w: prepare.side_local(prep.pairs, w, settings) for w in ("train", "test", "all")
+    }
     step("split, matrices")
     if train_pairs and test_pairs:
         metrics, baseline, eval_seconds, eval_users = _evaluate(
-            train_m, test_m, train_pairs + test_pairs, settings
+            train_m, test_m, train_pairs + test_pairs, settings,
+            None if local is None else (local["train"], local["test"]),
         )
     else:
         log.warning("train (%d pairs) or test (%d pairs) is empty: no metrics", train_pairs,
@@ -144,17 +265,26 @@ def run_training(
     step("evaluation (fit included)")
 
     if not n_pairs:
+        matrix.unpersist()
         raise ValueError("no user-product pair with a positive net quantity")
     model, final_seconds = train.fit(full, settings)
     step("final fit")
-    bought = recommend.bought_lists(full) if settings.filter_bought else None
     factors = (counts["products"] + counts["users"]) * settings.als_rank
     on_driver = factors <= recommend.DRIVER_MAX_FLOATS
-    if on_driver:  # scored, and the ids mapped back, on the driver: counted there
+    if on_driver and local is not None:
+        bought_local = None
+        if settings.filter_bought:
+            bought_local = {u: items for u, (items, _) in evaluate.by_user(local["all"]).items()}
+        users_all = np.unique(local["all"]["user"].to_numpy())
+        lists = recommend.top_lists_local(model, users_all, settings.top_n, bought_local)
+    elif on_driver:
+        bought = recommend.bought_lists(full) if settings.filter_bought else None
         lists = recommend.top_lists_driver(model, full.select("user"), settings.top_n, bought)
+    if on_driver:  # scored, and the ids mapped back, on the driver: counted there
         recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes)).cache()
         n_recs = int((lists["items"].map(len) > 0).sum())
     else:
+        bought = recommend.bought_lists(full) if settings.filter_bought else None
         long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, False)
         recs = recommend.with_ids(long_recs, users, products).cache()
         n_recs = recs.count()
@@ -162,14 +292,11 @@ def run_training(
     step.log()
 
     matrix.unpersist()
-    events.unpersist()
     # The factor tables below stay lazy (on the indexes' driver-side rows).
-    users.unpersist()
-    products.unpersist()
 
     params = train.als_params(settings) | {
         "split": settings.split,
-        "split_cutoff": split.cutoff.isoformat() if split.cutoff else "",
+        "split_cutoff": prep.cutoff.isoformat() if prep.cutoff else "",
         "test_fraction": str(settings.test_fraction),
         "eval_k": str(settings.eval_k),
         "eval_users": str(eval_users),
@@ -194,9 +321,9 @@ def run_training(
         cycle_seconds=cycle,
         users=int(counts["users"]),
         products=int(counts["products"]),
-        events=int(stats["n"]),
-        event_time_min=stats["lo"],
-        event_time_max=stats["hi"],
+        events=prep.events,
+        event_time_min=prep.first,
+        event_time_max=prep.last,
         params=params,
         model_path=f"{settings.models.rstrip('/')}/{model_version}",
         recommendations=recs,

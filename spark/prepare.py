@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -110,9 +112,9 @@ def matrices(
     split: Split, users: DataFrame, products: DataFrame, settings: Settings
 ) -> DataFrame:
     """The train, test and full interaction matrices in one pass over the events: per pair,
-    (user_id, product_id, user int, item int) and the net quantity of its train events, its test
-    events and all its events (columns `train`, `test`, `all`; returns subtract). Pairs that are
-    positive on no side are left out. `side` takes one matrix out.
+    (user int, item int) and the net quantity of its train events, its test events and all its
+    events (columns `train`, `test`, `all`; returns subtract). Pairs that are positive on no side
+    are left out. `side` takes one matrix out.
     """
     q = F.col("quantity")
     net = (
@@ -128,12 +130,12 @@ def matrices(
     user_index = users.select(F.col("id").alias("user_id"), F.col("idx").alias("user"))
     item_index = products.select(F.col("id").alias("product_id"), F.col("idx").alias("item"))
     return net.join(user_index, "user_id").join(item_index, "product_id").select(
-        "user_id", "product_id", "user", "item", "train", "test", "all"
+        "user", "item", "train", "test", "all"
     )
 
 
 def side(matrix: DataFrame, which: str, settings: Settings) -> DataFrame:
-    """ALS input from `matrices`: (user_id, product_id, user, item, quantity long, rating float),
+    """ALS input from `matrices`: (user, item, quantity long, rating float),
     one row per pair whose net quantity on `which` side ("train", "test" or "all") is positive.
 
     In implicit mode `rating` is the confidence strength (`settings.confidence`); in explicit mode
@@ -146,7 +148,7 @@ def side(matrix: DataFrame, which: str, settings: Settings) -> DataFrame:
         else quantity.cast("float")
     )
     return matrix.where(quantity > 0).select(
-        "user_id", "product_id", "user", "item", quantity.alias("quantity"), rating.alias("rating")
+        "user", "item", quantity.alias("quantity"), rating.alias("rating")
     )
 
 
@@ -159,3 +161,61 @@ def interactions(
     """The interaction matrix of all of `events` (the `side` shape)."""
     return side(matrices(Split(events, F.lit(False), None), users, products, settings), "all",
                 settings)
+
+
+# --- the same on the driver -------------------------------------------------------------------------
+# While the events fit the driver (pipeline.DRIVER_MAX_EVENTS), a cycle collects them once (one
+# Spark job, columns through Arrow) and splits and nets them with numpy: a handful of Spark jobs
+# less than the steps above, with the same answers (tests/unit/test_prepare.py compares them).
+
+
+def cutoff_local(micros: np.ndarray, test_fraction: float) -> int | None:
+    """`time_cutoff` on event times in epoch microseconds: just after the (1 - test_fraction)
+    quantile (the exact one; Spark's is approximate), as epoch microseconds; None when no event
+    is later than the quantile."""
+    if not len(micros):
+        return None
+    q = int(np.quantile(micros, 1.0 - test_fraction, method="inverted_cdf"))
+    return q + 1 if q < int(micros.max()) else None
+
+
+def matrices_local(
+    user: np.ndarray, item: np.ndarray, quantity: np.ndarray, is_test: np.ndarray
+) -> pd.DataFrame:
+    """`matrices` on arrays (one row per event: user and item numbers, quantity, held out or
+    not): per pair the net quantity of its train events, its test events and all its events
+    (columns user, item, train, test, all), pairs positive on no side left out; sorted by pair."""
+    q = quantity.astype(np.int64)
+    test = np.where(is_test, q, 0)
+    net = (
+        pd.DataFrame({"user": user, "item": item, "train": q - test, "test": test, "all": q})
+        .groupby(["user", "item"], sort=True)
+        .sum()
+        .reset_index()
+    )
+    return net[(net["train"] > 0) | (net["test"] > 0) | (net["all"] > 0)].reset_index(drop=True)
+
+
+def strength_local(quantity: np.ndarray, confidence: str) -> np.ndarray:
+    """`strength` on an array of positive net quantities (float32, as Spark casts it)."""
+    if confidence == "raw":
+        return quantity.astype(np.float32)
+    if confidence == "binary":
+        return np.ones(len(quantity), dtype=np.float32)
+    return np.log1p(quantity.astype(np.float64)).astype(np.float32)
+
+
+def side_local(net: pd.DataFrame, which: str, settings: Settings) -> pd.DataFrame:
+    """`side` of `matrices_local`'s pairs: (user, item, quantity, rating) of the pairs whose net
+    quantity on `which` side is positive."""
+    rows = net[net[which] > 0]
+    quantity = rows[which].to_numpy(np.int64)
+    rating = (
+        strength_local(quantity, settings.confidence)
+        if settings.als_mode == "implicit"
+        else quantity.astype(np.float32)
+    )
+    return pd.DataFrame({
+        "user": rows["user"].to_numpy(), "item": rows["item"].to_numpy(),
+        "quantity": quantity, "rating": rating,
+    })

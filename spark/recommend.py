@@ -138,16 +138,35 @@ def top_lists_driver(
         rows = rows.join(bought.withColumnRenamed("user", "id"), "id", "left")
     else:
         rows = rows.withColumn("bought", F.lit(None).cast("array<int>"))
-    block = max(1, _BLOCK_FLOATS // max(len(items.ids), 1))
     # One Arrow transfer: the driver path is only taken while users and items fit the driver.
     rows = rows.select("id", "features", "bought").toPandas()
+    bought_lists = [None if b is None else b.tolist() for b in rows["bought"]]
+    return _lists(items, rows["id"].to_numpy(), _stack(rows["features"]), bought_lists, n)
+
+
+def top_lists_local(
+    model: ALSModel, users: np.ndarray, n: int, bought: dict[int, np.ndarray] | None
+) -> pd.DataFrame:
+    """`top_lists_driver` for users (distinct numbers) and bought items already on the driver."""
+    items, known = Factors(model.itemFactors), Factors(model.userFactors)
+    rows = known.rows_of(users)
+    users = np.asarray(users)[rows >= 0]
+    bought_lists = [None if bought is None else bought.get(int(u)) for u in users]
+    bought_lists = [None if b is None else b.tolist() for b in bought_lists]
+    return _lists(items, users, known.matrix[rows[rows >= 0]], bought_lists, n)
+
+
+def _lists(
+    items: Factors, users: np.ndarray, features: np.ndarray, bought: list, n: int
+) -> pd.DataFrame:
+    """(user, items, scores) of each user (a row of `features`), scored in blocks against all
+    items with one matrix product each."""
+    block = max(1, _BLOCK_FLOATS // max(len(items.ids), 1))
     tops: list[tuple[list[int], list[float]]] = []
-    for lo in range(0, len(rows), block):
-        chunk = rows.iloc[lo:lo + block]
-        bought_lists = [None if b is None else b.tolist() for b in chunk["bought"]]
-        tops += items.top(_stack(chunk["features"]), bought_lists, n)
+    for lo in range(0, len(users), block):
+        tops += items.top(features[lo:lo + block], bought[lo:lo + block], n)
     return pd.DataFrame({
-        "user": rows["id"].astype(np.int32),
+        "user": np.asarray(users).astype(np.int32),
         "items": [np.asarray(t, dtype=np.int32) for t, _ in tops],
         "scores": [np.asarray(sc, dtype=np.float64) for _, sc in tops],
     })

@@ -39,7 +39,10 @@ def _matrix(spark, events, **settings):
     users = _index(spark, {r["user_id"] for r in events.select("user_id").collect()})
     products = _index(spark, {r["product_id"] for r in events.select("product_id").collect()})
     rows = prepare.interactions(events, users, products, conf).collect()
-    return {(r["user_id"], r["product_id"]): (r["quantity"], r["rating"]) for r in rows}
+    user_ids = {r["idx"]: r["id"] for r in users.collect()}
+    product_ids = {r["idx"]: r["id"] for r in products.collect()}
+    return {(user_ids[r["user"]], product_ids[r["item"]]): (r["quantity"], r["rating"])
+            for r in rows}
 
 
 def test_valid_events_drop_rows_without_user_or_quantity(spark) -> None:
@@ -120,6 +123,63 @@ def test_random_split_is_seeded_disjoint_and_complete(spark) -> None:
     assert 60 <= len(test) <= 140  # about a quarter
     other = ids(prepare.split_events(events, load(split="random", test_fraction=0.25, seed=8)).test)
     assert other != test
+
+
+def _prepared(spark, sales, settings, driver):
+    from spark import pipeline
+
+    prepare_ = pipeline._prepare_on_driver if driver else pipeline._prepare_on_cluster
+    got = prepare_(spark, sales, settings, lambda what: None)
+    rows = sorted(tuple(r) for r in got.matrix.collect())
+    got.matrix.unpersist()
+    numbers = tuple(ix.numbers for ix in got.indexes)
+    return rows, got.counts, got.cutoff, numbers, got.events, got.first, got.last
+
+
+@pytest.mark.parametrize(
+    "split",
+    [{"test_fraction": 0.2}, {"test_fraction": 0.3}, {"split_cutoff": T0 + timedelta(days=5)},
+     {"split": "random", "test_fraction": 0.4, "seed": 3}, {"test_fraction": 0.01}],
+    ids=["fraction-0.2", "fraction-0.3", "cutoff", "random", "nothing-after-the-quantile"],
+)
+def test_preparing_on_the_driver_equals_preparing_with_spark(spark, tmp_path, split) -> None:
+    rows = [(f"u{u}", f"p{(u * 3 + d) % 7}", 1 + (u + d) % 4, d) for u in range(6)
+            for d in range(0, 10, 1 + u % 3)]
+    rows += [("u0", "p0", -9, 9), ("u1", "p3", -1, 8), ("u2", "p2", -1, 1)]  # returns
+    rows += [("", "p1", 1, 2), ("u3", "p1", 0, 3)]  # not valid: no user, no quantity
+    if split.get("test_fraction") == 0.01:  # every event at one time: none after the quantile
+        rows = [(u, p, q, 0) for u, p, q, _ in rows]
+    settings = load(data_dir=tmp_path, **split)
+    sales = _events(spark, rows)
+    on_driver = _prepared(spark, sales, settings, driver=True)
+    assert on_driver == _prepared(spark, sales, settings, driver=False)
+    matrix, counts, cutoff = on_driver[:3]
+    assert counts["all"] > 0 and counts["users"] == 6
+    if split.get("test_fraction") == 0.01:
+        assert cutoff is None and counts["test"] == 0
+    elif split.get("split") != "random":
+        assert cutoff is not None and counts["train"] > 0 and counts["test"] > 0
+
+
+def test_driver_side_pairs_equal_the_spark_side(spark) -> None:
+    import pandas as pd
+
+    from spark import evaluate
+
+    net = pd.DataFrame({"user": [0, 0, 1, 2], "item": [1, 2, 1, 0], "train": [3, 0, 1, -1],
+                        "test": [0, 2, 0, 4], "all": [3, 2, 1, 3]})
+    matrix = spark.createDataFrame(net.astype({"user": "int32", "item": "int32"}),
+                                   "user int, item int, train long, test long, all long")
+    for conf in (load(), load(confidence="raw"), load(als_mode="explicit")):
+        for which in ("train", "test", "all"):
+            local = prepare.side_local(net, which, conf)
+            spark_side = prepare.side(matrix, which, conf)
+            want = sorted((r["user"], r["item"], r["quantity"], r["rating"])
+                          for r in spark_side.collect())
+            assert sorted(local.itertuples(index=False, name=None)) == [
+                (u, i, q, pytest.approx(r)) for u, i, q, r in want]
+            assert {u: (list(i), list(r)) for u, (i, r) in evaluate.by_user(local).items()} == {
+                u: (list(i), list(r)) for u, (i, r) in evaluate.by_user(spark_side).items()}
 
 
 CSV = (

@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys.settings import load
-from spark import recommend, train
+from spark import pipeline, recommend, train
 from spark.pipeline import index_path, run_training, save
 
 pytestmark = pytest.mark.unit
@@ -135,7 +135,23 @@ def test_named_lists_on_the_driver_equal_with_ids(spark, model) -> None:
     assert rows(on_driver) == rows(joined) and on_driver.count() == joined.count() == 10
 
 
-def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path) -> None:
+def test_lists_from_driver_side_pairs_equal_the_collected_ones(spark, model) -> None:
+    matrix = _matrix(spark)
+    pairs = matrix.toPandas()
+    bought = {u: np.sort(g["item"].to_numpy()) for u, g in pairs.groupby("user")}
+    want = recommend.top_lists_driver(model, matrix.select("user"), 4,
+                                      recommend.bought_lists(matrix))
+    got = recommend.top_lists_local(model, np.unique(pairs["user"]), 4, bought)
+    by_user = {int(u): (list(i), list(s)) for u, i, s in want.itertuples(index=False)}
+    assert {int(u): (list(i), list(s)) for u, i, s in got.itertuples(index=False)} == by_user
+    unknown = recommend.top_lists_local(model, np.array([0, 999]), 4, None)
+    assert unknown["user"].tolist() == [0]  # a user the model does not know gets no list
+
+
+@pytest.mark.parametrize("driver", [True, False], ids=["prepared-on-driver", "on-cluster"])
+def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path, monkeypatch, driver) -> None:
+    if not driver:
+        monkeypatch.setattr(pipeline, "DRIVER_MAX_EVENTS", 0)
     t0 = datetime(2011, 1, 1)
     rows = []
     for u in range(12):

@@ -7,10 +7,11 @@ the issue defines it (threshold hit to every recommendation on the topic) is com
 time spent in ALS.fit; model-ready's time is printed beside it, and every recommendation is then
 counted on the topic.
 
-That first cycle runs in a JVM that has ingested but never trained (ALS and the pipeline's queries
-not yet compiled by the JIT); a long-running job's later cycles do not. So the same cycle is run
-once more in the same process (store read -> recommendations on the topic, as a manual retrain):
-the steady state. Both are printed:
+That first cycle comes after the job's warm-up (spark/warmup.py: at half the threshold, one
+throw-away cycle on synthetic events compiles the pipeline's queries and warms the JIT; with
+RECSYS_WARM_UP=false the first cycle runs cold). The same cycle is then run once more in the same
+process (store read -> recommendations on the topic, as a manual retrain): the steady state of a
+long-running job. Both are printed:
 
     retrain: cycle C s / ALS.fit F s = R  (first model after start ...)
     retrain_warm: cycle C s / ALS.fit F s = R  (the next cycle ...)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pyspark import StorageLevel
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
@@ -256,7 +257,11 @@ class StreamJob:
         """Wait for the query (or `stop`), checking max-wait and logging progress; 0 when the
         query ended or was stopped cleanly, 1 when it failed."""
         assert self.query is not None, "start() first"
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            try:  # returns as soon as the query ends (an availableNow run: at once)
+                self.query.awaitTermination(1.0)
+            except StreamingQueryException:
+                pass  # a failure: told below from query.exception()
             self._log_progress()
             if not self.query.isActive:
                 failure = self.query.exception()
@@ -353,9 +358,7 @@ class StreamJob:
                 t_dlq = time.perf_counter()
                 new = 0
                 if read > n_bad:  # (2)
-                    # A hash count of the ids tells whether the sort-based dedupe is needed.
-                    unique = good.select("event_id").distinct().count() == read - n_bad
-                    new = self.store.append_batch(good, self._query_id, batch_id, unique)
+                    new = self.store.append_batch(good, self._query_id, batch_id)
                 t_store = time.perf_counter()
             finally:
                 decoded.unpersist()

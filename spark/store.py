@@ -8,9 +8,10 @@ Layout under `settings.store` (any Hadoop path: file:, hdfs:, s3a:):
 Why this shape: Spark's foreachBatch is at-least-once — after a crash the last batch runs again
 with the same id and the same offsets — and producers retry, so the same event can arrive twice.
 A batch therefore (1) drops duplicates within itself, (2) anti-joins against every id already in
-the store except its own folder, (3) OVERWRITES its own folder. Re-running batch n rewrites the
-same rows; a new event id is stored once. The query id in the path keeps a deleted-and-restarted
-checkpoint (whose batch ids start again at 0) from overwriting the old batches.
+the store except its own folder (both only when a first count found such ids: usually none),
+(3) OVERWRITES its own folder. Re-running batch n rewrites the same rows; a new event id is
+stored once. The query id in the path keeps a deleted-and-restarted checkpoint (whose batch ids
+start again at 0) from overwriting the old batches.
 
 The state file is small JSON written atomically (temp file + rename) after the batch folder;
 `last_batch` lets a re-run batch replace its own count instead of adding it twice.
@@ -158,16 +159,22 @@ class Store:
         """Store the events of `good` not stored yet, in the batch's own folder (overwritten if a
         crashed run left it); returns how many new events it holds.
 
-        `unique`: the caller checked that `good` has no event id twice (then the costly
-        in-batch dedupe, a sort of every row, is skipped). Against the store, the batch's ids
-        are broadcast and probed while scanning the stored ids (no shuffle of the store, which
-        only grows); the few already stored are then broadcast out of the batch.
+        Duplicates are rare (producer retries, a re-run batch), so one job first counts them
+        and the costly removal runs only when there are some: `good`'s ids, plus those of its
+        ids already stored, grouped by id (a hash aggregate of the ids, no sort of the rows).
+        Against the store, the batch's ids are broadcast and probed while scanning the stored
+        ids (no shuffle of the store, which only grows). `unique`: the caller knows `good` has
+        no id twice (then only the store is checked).
         """
-        fresh = good if unique else good.dropDuplicates(["event_id"])
+        ids = good.select("event_id")
+        taken = None  # the batch's ids stored by another batch
         if self.has_data():
             mine = (F.col("query_id") == query_id) & (F.col("batch_id") == batch_id)
             stored = self.read().where(~mine).select("event_id")
-            taken = stored.join(F.broadcast(good.select("event_id")), "event_id", "left_semi")
+            taken = stored.join(F.broadcast(ids), "event_id", "left_semi")
+        repeated, known = self._duplicates(ids, taken, unique)
+        fresh = good.dropDuplicates(["event_id"]) if repeated else good
+        if known:
             fresh = fresh.join(F.broadcast(taken), "event_id", "left_anti")
         path = self.batch_path(query_id, batch_id)
         written = Observation(f"store-{query_id}-{batch_id}")  # counted while writing
@@ -175,6 +182,24 @@ class Store:
             "overwrite"
         ).parquet(path)
         return int(written.get["n"])
+
+    @staticmethod
+    def _duplicates(ids: DataFrame, taken: DataFrame | None, unique: bool) -> tuple[int, int]:
+        """(ids repeated within the batch, ids already stored), in one job: an id stored shows
+        up once more in the union with `taken`, flagged, so the two are told apart."""
+        if unique:
+            return 0, (taken.count() if taken is not None else 0)
+        marks = ids.select("event_id", F.lit(0).alias("stored"))
+        if taken is not None:
+            marks = marks.unionByName(taken.select("event_id", F.lit(1).alias("stored")))
+        per_id = marks.groupBy("event_id").agg(
+            F.count(F.lit(1)).alias("n"), F.max("stored").alias("stored")
+        )
+        row = per_id.agg(
+            F.count_if(F.col("n") - F.col("stored") > 1).alias("repeated"),
+            F.count_if(F.col("stored") == 1).alias("known"),
+        ).first()
+        return int(row["repeated"]), int(row["known"])
 
     # -- state --
     def load_state(self) -> StoreState:

@@ -214,11 +214,14 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(spark, tmp_
     assert store.append_batch(good(["b", "c"], 3), "q", 1) == 1
     assert store.append_batch(good(["b", "c"], 3), "q", 1) == 1  # re-run: same folder again
     assert store.append_batch(good(["a", "d"], 5), "q2", 0) == 1  # new checkpoint, old ids
+    # Repeated within the batch AND stored ("c"), repeated only ("e"), stored only ("a").
+    assert store.append_batch(good(["c", "c", "e", "e", "a", "f"], 7), "q2", 1) == 2
+    assert store.append_batch(good(["f", "g"], 13), "q2", 2, unique=True) == 1
     stored = store.read()
-    assert sorted(r["event_id"] for r in stored.collect()) == ["a", "b", "c", "d"]
+    assert sorted(r["event_id"] for r in stored.collect()) == ["a", "b", "c", "d", "e", "f", "g"]
     assert offset_ranges(stored) == [
-        {"topic": "sales", "partition": 0, "from_offset": 0, "to_offset": 6}]
-    state = StoreState(events=4)
+        {"topic": "sales", "partition": 0, "from_offset": 0, "to_offset": 14}]
+    state = StoreState(events=7)
     store.save_state(state)
     assert store.load_state() == state
 

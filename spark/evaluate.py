@@ -218,8 +218,10 @@ def by_user(pairs: DataFrame | pd.DataFrame) -> dict[int, tuple[np.ndarray, np.n
     users = pairs["user"].to_numpy(np.int64)
     items = pairs["item"].to_numpy(np.int64)
     ratings = pairs["rating"].to_numpy(np.float64)
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else []
-    ends = np.r_[starts[1:], len(users)] if len(users) else []
+    if not len(users):
+        return {}
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
     return {int(users[a]): (items[a:b], ratings[a:b]) for a, b in zip(starts, ends, strict=True)}
 
 

@@ -61,10 +61,14 @@ class Index:
     path: str
     numbers: dict[str, int]
     added: list[tuple[str, int]] = field(default_factory=list)  # not stored yet
+    _sent: DataFrame | None = field(default=None, repr=False, compare=False)  # `frame`'s
 
     def frame(self, spark: SparkSession) -> DataFrame:
-        """The whole index as an (id, idx) DataFrame (independent of the folder)."""
-        return _frame(spark, list(self.numbers.items()))
+        """The whole index as an (id, idx) DataFrame (independent of the folder), sent to the
+        JVM once."""
+        if self._sent is None:
+            self._sent = _frame(spark, list(self.numbers.items()))
+        return self._sent
 
     def names(self) -> np.ndarray:
         """The ids by number: `names()[n]` is the id numbered n (numbers are dense from 0)."""

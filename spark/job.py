@@ -403,8 +403,7 @@ class StreamJob:
         if since >= s.train_threshold:
             return "threshold"
         if s.train_max_wait_seconds and since >= 1:
-            ref = self.state.last_model_at or self.state.pending_since or now
-            if now - ref >= s.train_max_wait_seconds:
+            if self._waited(now) >= s.train_max_wait_seconds:
                 return "max_wait"
         version = self.model_version
         if self.feedback is not None and since >= 1 and version not in self._feedback_fired:
@@ -422,9 +421,12 @@ class StreamJob:
         if since >= s.train_threshold / 2:
             return True
         if s.train_max_wait_seconds and since >= 1:
-            ref = self.state.last_model_at or self.state.pending_since or now
-            return now - ref >= s.train_max_wait_seconds / 2
+            return self._waited(now) >= s.train_max_wait_seconds / 2
         return False
+
+    def _waited(self, now: float) -> float:
+        """Seconds since the last model (or, before the first, since the first new event)."""
+        return now - (self.state.last_model_at or self.state.pending_since or now)
 
     def _maybe_warm_up(self, now: float) -> None:
         """Warm up once per job, while a model is near but not due yet (a due model trains at

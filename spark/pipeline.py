@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -110,7 +110,6 @@ def _evaluate(
 # ~50 MB of columns there, and several Spark jobs less than on the cluster.
 DRIVER_MAX_EVENTS = 2_000_000
 
-_EPOCH = datetime(1970, 1, 1)
 MATRIX_SCHEMA = T.StructType(
     [T.StructField(c, T.IntegerType()) for c in ("user", "item")]
     + [T.StructField(c, T.LongType()) for c in ("train", "test", "all")]
@@ -133,7 +132,7 @@ class Prepared:
 
 
 def _micros_time(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(micros))
+    return prepare.EPOCH + timedelta(microseconds=int(micros))
 
 
 def _prepare_on_cluster(
@@ -199,22 +198,10 @@ def _prepare_on_driver(
     step("events, index")
 
     micros = frame["micros"].to_numpy(np.int64)
-    cutoff: datetime | None = None
     if settings.split == "random":
-        is_test = frame["is_test"].to_numpy(bool)
+        is_test, cutoff = frame["is_test"].to_numpy(bool), None
     else:
-        cut = settings.split_cutoff
-        if cut is not None:
-            if cut.tzinfo is not None:
-                cut = cut.astimezone(UTC).replace(tzinfo=None)
-            cut_micros: int | None = (cut - _EPOCH) // timedelta(microseconds=1)
-        else:
-            cut_micros = prepare.cutoff_local(micros, settings.test_fraction)
-        if cut_micros is None:
-            is_test = np.zeros(len(frame), dtype=bool)
-        else:
-            is_test = micros >= cut_micros
-            cutoff = _micros_time(cut_micros)
+        is_test, cutoff = prepare.time_split_local(micros, settings)
     numbers = [np.array([ix.numbers[i] for i in ids], dtype=np.int32)
                for ix, ids in zip(indexes, (user_ids, product_ids), strict=True)]
     net = prepare.matrices_local(
@@ -271,6 +258,7 @@ def run_training(
     step("final fit")
     factors = (counts["products"] + counts["users"]) * settings.als_rank
     on_driver = factors <= recommend.DRIVER_MAX_FLOATS
+    bought = recommend.bought_lists(full) if settings.filter_bought else None  # lazy
     if on_driver and local is not None:
         bought_local = None
         if settings.filter_bought:
@@ -278,13 +266,11 @@ def run_training(
         users_all = np.unique(local["all"]["user"].to_numpy())
         lists = recommend.top_lists_local(model, users_all, settings.top_n, bought_local)
     elif on_driver:
-        bought = recommend.bought_lists(full) if settings.filter_bought else None
         lists = recommend.top_lists_driver(model, full.select("user"), settings.top_n, bought)
     if on_driver:  # scored, and the ids mapped back, on the driver: counted there
         recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes)).cache()
         n_recs = int((lists["items"].map(len) > 0).sum())
     else:
-        bought = recommend.bought_lists(full) if settings.filter_bought else None
         long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, False)
         recs = recommend.with_ids(long_recs, users, products).cache()
         n_recs = recs.count()

@@ -23,6 +23,7 @@ from recsys.settings import Settings
 log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ("event_id", "user_id", "product_id", "quantity", "event_time")
+EPOCH = datetime(1970, 1, 1)  # of Spark's unix_micros, naive UTC
 # Hash buckets of the seeded random split: fine enough for any test fraction a setting allows.
 _BUCKETS = 1_000_000
 
@@ -60,11 +61,16 @@ def valid_events(sales: DataFrame) -> DataFrame:
     )
 
 
+def naive_utc(value: datetime) -> datetime:
+    """`value` as a naive UTC time (a naive one is taken as UTC already)."""
+    if value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def _timestamp(value: datetime) -> Column:
     """A timestamp literal independent of the driver's local zone (naive means UTC)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return F.lit(value.isoformat(sep=" ")).cast("timestamp")
+    return F.lit(naive_utc(value).isoformat(sep=" ")).cast("timestamp")
 
 
 def time_cutoff(events: DataFrame, test_fraction: float) -> datetime | None:
@@ -78,7 +84,7 @@ def time_cutoff(events: DataFrame, test_fraction: float) -> datetime | None:
     ).first()
     if row["q"] is None or row["q"] >= row["last"]:
         return None
-    return datetime(1970, 1, 1) + timedelta(microseconds=int(row["q"]) + 1)
+    return EPOCH + timedelta(microseconds=int(row["q"]) + 1)
 
 
 def split_events(events: DataFrame, settings: Settings) -> Split:
@@ -94,8 +100,7 @@ def split_events(events: DataFrame, settings: Settings) -> Split:
     cutoff = settings.split_cutoff or time_cutoff(events, settings.test_fraction)
     if cutoff is None:  # no events, or no later time to hold out
         return Split(events, F.lit(False), None)
-    if cutoff.tzinfo is not None:
-        cutoff = cutoff.astimezone(UTC).replace(tzinfo=None)
+    cutoff = naive_utc(cutoff)
     return Split(events, F.col("event_time") >= _timestamp(cutoff), cutoff)
 
 
@@ -177,6 +182,18 @@ def cutoff_local(micros: np.ndarray, test_fraction: float) -> int | None:
         return None
     q = int(np.quantile(micros, 1.0 - test_fraction, method="inverted_cdf"))
     return q + 1 if q < int(micros.max()) else None
+
+
+def time_split_local(micros: np.ndarray, settings: Settings) -> tuple[np.ndarray, datetime | None]:
+    """`split_events`' time split on event times in epoch microseconds: (held out or not per
+    event, the cut as a naive UTC time or None)."""
+    if settings.split_cutoff is not None:
+        cut: int | None = (naive_utc(settings.split_cutoff) - EPOCH) // timedelta(microseconds=1)
+    else:
+        cut = cutoff_local(micros, settings.test_fraction)
+    if cut is None:
+        return np.zeros(len(micros), dtype=bool), None
+    return micros >= cut, EPOCH + timedelta(microseconds=cut)
 
 
 def matrices_local(

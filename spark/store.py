@@ -81,6 +81,12 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
             raise OSError(f"cannot rename {tmp} to {path}")
 
 
+def delete(spark: SparkSession, path: str) -> None:
+    """Delete the file or folder (recursively) if it exists."""
+    fs, p = _jvm_path(spark, path)
+    fs.delete(p, True)
+
+
 def list_names(spark: SparkSession, path: str) -> list[str]:
     """Names of the entries of a folder (empty when it does not exist)."""
     fs, p = _jvm_path(spark, path)

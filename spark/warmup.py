@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 from pyspark.sql import SparkSession
 
 from recsys.settings import Settings
-from spark.store import SALES_SCHEMA, Store, _jvm_path
+from spark.store import SALES_SCHEMA, Store, delete
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ USERS, PRODUCTS, EVENTS = 300, 150, 4_000
 _CHATTY = ("pipeline", "train", "evaluate", "recommend", "index")
 
 
-def synthetic_frame(spark: SparkSession, seed: int) -> pd.DataFrame:
+def synthetic_frame(seed: int) -> pd.DataFrame:
     """`EVENTS` seeded synthetic sales in the store's columns (as pandas)."""
     from streams.synthetic import SyntheticSales
 
@@ -59,16 +60,15 @@ def warm_up(spark: SparkSession, settings: Settings) -> float:
     for q in quiet:  # the throw-away model's metrics would read like a real one's
         q.setLevel(logging.WARNING)
     store = Store(spark, f"{settings.store.rstrip('/')}/_warmup")
-    fs, root = _jvm_path(spark, store.root)
     try:
         with tempfile.TemporaryDirectory(prefix="recsys-warmup-") as tmp:
-            sales = spark.createDataFrame(synthetic_frame(spark, settings.seed), SALES_SCHEMA)
+            sales = spark.createDataFrame(synthetic_frame(settings.seed), SALES_SCHEMA)
             store.append_batch(sales, "warmup", 0, unique=True)
-            local = settings.model_copy(update={"data_dir": settings.data_dir.__class__(tmp)})
+            local = settings.model_copy(update={"data_dir": Path(tmp)})
             result = pipeline.run_training(spark, store.read(), local, 0)
             result.recommendations.unpersist()
     finally:
-        fs.delete(root, True)
+        delete(spark, store.root)
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
     seconds = time.perf_counter() - started

@@ -9,7 +9,6 @@ skip the message, which is a silent drop.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +32,6 @@ class AvroCodec(Codec):
     def __init__(self, record: str, **kwargs: Any) -> None:
         # Fails at start-up on an unknown record name, not at the first event.
         self._current = codec.schema(record)
-        # Parsed here with fastavro's "already parsed" hint, which schemas/codec.py leaves out:
-        # without it fastavro parses the schema again on every call (8 us a Sale instead of 15).
-        self._reader = fastavro.parse_schema(json.loads(self._current.json))
         super().__init__(record=record, **kwargs)
         self.record = record
 
@@ -48,7 +44,7 @@ class AvroCodec(Codec):
                 # Written with the current schema: no resolution needed, about twice as fast as
                 # codec.decode.
                 return fastavro.schemaless_reader(io.BytesIO(s[codec.HEADER_LEN:]),
-                                                  self._reader, None)
+                                                  self._current.fast, None)
             return codec.decode(s, expect=self.record)[1]
         except codec.DecodeError as exc:
             return Undecodable(str(exc), None if s is None else bytes(s))

@@ -171,8 +171,9 @@ def split(decoded: DataFrame) -> tuple[DataFrame, DataFrame]:
     """(good, bad): good rows are the record's fields plus the source columns; bad rows keep the
     Kafka columns and the reason.
 
-    Persist `decoded` first (the job does): Spark pushes a filter on `reason` below the
-    projection that decodes, inlining from_avro once per field the reason reads.
+    Put an `observe` (the job does: it counts there) or a persist between `decode` and this:
+    otherwise Spark pushes a filter on `reason` below the projection that decodes, inlining
+    from_avro once per field the reason reads. Neither is pushed through.
     """
     good = decoded.where(F.col("reason").isNull()).select(
         "record.*",

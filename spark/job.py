@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.errors import StreamingQueryException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
@@ -187,6 +186,23 @@ def _offsets(value: Any) -> dict[str, dict[str, int]]:
     return {t: {str(p): int(o) for p, o in parts.items()} for t, parts in parsed.items()}
 
 
+def ranges(start: Any, end: Any) -> str:
+    """`topic[partition]@first-last` of the offsets a batch read (from its progress report; a
+    first batch has no start: PySpark hands "None")."""
+    try:
+        starts = {} if start in (None, "None", "null") else _offsets(start)
+        ends = _offsets(end)
+    except (TypeError, ValueError, AttributeError, SyntaxError):
+        return "?"
+    out = []
+    for topic, parts in sorted(ends.items()):
+        for part, end_offset in sorted(parts.items(), key=lambda kv: int(kv[0])):
+            first = starts.get(topic, {}).get(part, 0)
+            if end_offset > first:
+                out.append(f"{topic}[{part}]@{first}-{end_offset - 1}")
+    return ", ".join(out)
+
+
 def lag(end: Any, latest: Any) -> int | None:
     """Records on the topic past the batch's end offsets; None when either side is unknown."""
     try:
@@ -305,9 +321,10 @@ class StreamJob:
         source = (p.get("sources") or [{}])[0]
         behind = lag(source.get("endOffset"), source.get("latestOffset"))
         log.info(
-            "progress: batch %d, %d rows, input %.0f rows/s, processed %.0f rows/s, lag %s",
-            p["batchId"], p.get("numInputRows", 0), p.get("inputRowsPerSecond") or 0.0,
-            p.get("processedRowsPerSecond") or 0.0,
+            "progress: batch %d, %d rows [%s], input %.0f rows/s, processed %.0f rows/s, lag %s",
+            p["batchId"], p.get("numInputRows", 0),
+            ranges(source.get("startOffset"), source.get("endOffset")),
+            p.get("inputRowsPerSecond") or 0.0, p.get("processedRowsPerSecond") or 0.0,
             "?" if behind is None else f"{behind} records",
         )
 
@@ -317,9 +334,10 @@ class StreamJob:
         runs this batch again, with the same id and the same offsets, so every step is idempotent
         on that:
 
-        1. bad rows -> sales.dlq (keyed topic[partition]@offset; a re-run sends them again)
-        2. good rows -> store folder <query>/<batch>, deduped in the batch and against the store,
-           overwritten on a re-run
+        1. good rows -> store folder <query>/<batch>, in the pass that reads and decodes the
+           batch and counts it; deduped in the batch and against the store, replaced on a re-run
+        2. bad rows (when that count found some) -> sales.dlq (keyed topic[partition]@offset; a
+           re-run sends them again)
         3. counters -> _state.json (a re-run replaces its own count, never adds it twice)
         4. threshold reached -> train on the whole store -> recommendations -> model-ready ->
            models/LATEST -> counters reset. A re-run after the reset does not train again; one
@@ -332,60 +350,43 @@ class StreamJob:
                 raise StopRequested(f"batch {batch_id} not run: stopping")
             started = time.perf_counter()
             key = f"{self._query_id}/{batch_id}"
-            # Cached once, read by the counts, the dead letters and the store; the original bytes
-            # are kept for bad rows only (the dead letters carry them), so the cache stays small.
-            decoded = ingest.decode(batch)
-            decoded = decoded.withColumn(
-                "value", F.when(F.col("reason").isNotNull(), F.col("value"))
-            ).persist(StorageLevel.MEMORY_AND_DISK)
-            try:
-                parts = (
-                    decoded.groupBy("topic", "partition")
-                    .agg(
-                        F.count(F.lit(1)).alias("n"),
-                        F.count("reason").alias("bad"),
-                        F.min("offset").alias("lo"),
-                        F.max("offset").alias("hi"),
-                    )
-                    .collect()
-                )
-                read = sum(r["n"] for r in parts)
-                n_bad = sum(r["bad"] for r in parts)
-                t_read = time.perf_counter()
-                good, bad = ingest.split(decoded)
-                if n_bad:  # (1)
-                    self._dead_letter(bad, n_bad)
-                t_dlq = time.perf_counter()
-                new = 0
-                if read > n_bad:  # (2)
-                    new = self.store.append_batch(good, self._query_id, batch_id)
-                t_store = time.perf_counter()
-            finally:
-                decoded.unpersist()
+            # Counted on the way through the store's write. The observation also keeps the
+            # optimizer from pushing the split's filter into the decoding (see ingest.split).
+            seen = Observation(f"read-{key}")
+            good, bad = ingest.split(ingest.decode(batch).observe(
+                seen, F.count(F.lit(1)).alias("n"), F.count("reason").alias("bad")))
+            new = self.store.append_batch(good, self._query_id, batch_id)  # (1)
+            read, n_bad = int(seen.get["n"]), int(seen.get["bad"])
+            t_store = time.perf_counter()
+            if n_bad:  # (2) reads the batch from Kafka again: dead letters are rare
+                self._dead_letter(bad, n_bad)
+            t_dlq = time.perf_counter()
             now = time.time()
             self.state.count_batch(key, new, now)
             self.store.save_state(self.state)  # (3)
             done = time.perf_counter()
             seconds = done - started
-            ranges = ", ".join(f"{r['topic']}[{r['partition']}]@{r['lo']}-{r['hi']}" for r in parts)
             log.info(
                 "batch %d: %d read (%d new, %d duplicate, %d dead-lettered) in %.1f s "
-                "(decode %.1f, dlq %.1f, store %.1f, state %.1f), %.0f rows/s [%s]; "
+                "(store %.1f, dlq %.1f, state %.1f), %.0f rows/s; "
                 "%d/%d new events toward the next model",
-                batch_id, read, new, read - n_bad - new, n_bad, seconds, t_read - started,
-                t_dlq - t_read, t_store - t_dlq, done - t_store,
-                read / seconds if seconds else 0.0, ranges, self.state.since_model,
-                self.settings.train_threshold,
+                batch_id, read, new, read - n_bad - new, n_bad, seconds, t_store - started,
+                t_dlq - t_store, done - t_dlq, read / seconds if seconds else 0.0,
+                self.state.since_model, self.settings.train_threshold,
             )
             self._maybe_warm_up(now)
             self._maybe_train(now)  # (4)
 
     def _dead_letter(self, bad: DataFrame, n_bad: int) -> None:
-        publish.write_kafka(ingest.dead_letters(bad), self.settings, self.topics.dlq)
-        shown = bad.select(
-            ingest.source_label(F.col("topic"), F.col("partition"), F.col("offset")).alias("src"),
-            "reason",
-        ).limit(LOGGED_BAD).collect()
+        bad = bad.persist()  # two reads below; only the bad rows are kept
+        try:
+            publish.write_kafka(ingest.dead_letters(bad), self.settings, self.topics.dlq)
+            shown = bad.select(
+                ingest.source_label(F.col("topic"), F.col("partition"), F.col("offset")).alias("src"),
+                "reason",
+            ).limit(LOGGED_BAD).collect()
+        finally:
+            bad.unpersist()
         for r in shown:
             log.warning("%s: dead-lettered to %s: %s", r["src"], self.topics.dlq, r["reason"])
         if n_bad > len(shown):

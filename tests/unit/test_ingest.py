@@ -201,7 +201,14 @@ def test_state_counts_a_rerun_batch_once():
     assert s.since_model == 0
 
 
-def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(spark, tmp_path):
+@pytest.mark.parametrize("ids_via", ["pyarrow", "spark"])
+def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
+    spark, tmp_path, monkeypatch, ids_via
+):
+    from spark import store as store_mod
+
+    if ids_via == "spark":  # what an hdfs: or s3a: store does
+        monkeypatch.setattr(store_mod, "local_path", lambda path: None)
     store = Store(spark, str(tmp_path / "store"))
 
     def good(ids: list[str], offset: int):
@@ -217,6 +224,9 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(spark, tmp_
     # Repeated within the batch AND stored ("c"), repeated only ("e"), stored only ("a").
     assert store.append_batch(good(["c", "c", "e", "e", "a", "f"], 7), "q2", 1) == 2
     assert store.append_batch(good(["f", "g"], 13), "q2", 2, unique=True) == 1
+    assert store.append_batch(good([], 15), "q2", 3) == 0  # every record dead-lettered
+    assert not store_mod.exists(spark, store.batch_path("q2", 3))
+    assert store_mod.list_names(spark, str(tmp_path / "store/_staging/query_id=q2")) == []
     stored = store.read()
     assert sorted(r["event_id"] for r in stored.collect()) == ["a", "b", "c", "d", "e", "f", "g"]
     assert offset_ranges(stored) == [
@@ -233,6 +243,15 @@ def test_lag_reads_progress_offsets_as_json_or_repr():
     assert lag(end, '{"sales": {"0": 15, "1": 20}}') == 5
     assert lag({"sales": {"0": 10}}, {"sales": {"0": 10, "1": 3}}) == 3  # a new partition
     assert lag(end, None) is None
+
+
+def test_ranges_name_the_offsets_a_batch_read():
+    from spark.job import ranges
+
+    end = "{'sales': {'0': 10, '1': 20, '2': 7}}"
+    assert ranges("None", end) == "sales[0]@0-9, sales[1]@0-19, sales[2]@0-6"  # a first batch
+    assert ranges('{"sales": {"0": 4, "1": 20, "2": 7}}', end) == "sales[0]@4-9"
+    assert ranges(None, "not offsets") == "?"
 
 
 def test_training_is_due_at_the_threshold_or_after_max_wait(tmp_path):

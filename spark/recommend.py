@@ -151,8 +151,8 @@ def top_lists_local(
     items, known = Factors(model.itemFactors), Factors(model.userFactors)
     rows = known.rows_of(users)
     users = np.asarray(users)[rows >= 0]
-    bought_lists = [None if bought is None else bought.get(int(u)) for u in users]
-    bought_lists = [None if b is None else b.tolist() for b in bought_lists]
+    picked = [None if bought is None else bought.get(int(u)) for u in users]
+    bought_lists = [None if b is None else b.tolist() for b in picked]
     return _lists(items, users, known.matrix[rows[rows >= 0]], bought_lists, n)
 
 

@@ -63,7 +63,7 @@ def warm_up(spark: SparkSession, settings: Settings) -> float:
     try:
         with tempfile.TemporaryDirectory(prefix="recsys-warmup-") as tmp:
             sales = spark.createDataFrame(synthetic_frame(settings.seed), SALES_SCHEMA)
-            store.append_batch(sales, "warmup", 0, unique=True)
+            store.append_batch(sales, "warmup", 0)
             local = settings.model_copy(update={"data_dir": Path(tmp)})
             result = pipeline.run_training(spark, store.read(), local, 0)
             result.recommendations.unpersist()

@@ -223,7 +223,7 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
     assert store.append_batch(good(["a", "d"], 5), "q2", 0) == 1  # new checkpoint, old ids
     # Repeated within the batch AND stored ("c"), repeated only ("e"), stored only ("a").
     assert store.append_batch(good(["c", "c", "e", "e", "a", "f"], 7), "q2", 1) == 2
-    assert store.append_batch(good(["f", "g"], 13), "q2", 2, unique=True) == 1
+    assert store.append_batch(good(["f", "g"], 13), "q2", 2) == 1
     assert store.append_batch(good([], 15), "q2", 3) == 0  # every record dead-lettered
     assert not store_mod.exists(spark, store.batch_path("q2", 3))
     assert store_mod.list_names(spark, str(tmp_path / "store/_staging/query_id=q2")) == []

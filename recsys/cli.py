@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--topic-prefix", help=argparse.SUPPRESS)
     tr.set_defaults(handler="spark.job:train_cli")
 
+    sp = sub.add_parser(
+        "speed",
+        help="the speed layer: fold every new sale into its user's vector and republish the list",
+        description="Reads `sales` in a consumer group (more instances serve more partitions) and "
+        "the current model from `model-factors`; for every sale newer than the model, solves the "
+        "user's vector with the model's own implicit-ALS equations and publishes the user's top "
+        "N on `recommendations` (source fold-in). Per-user state is changelogged to `speed-state` "
+        "and restored on restart. SIGTERM or Ctrl-C commits the batch in progress and stops.",
+    )
+    sp.add_argument("--group", help="consumer group (default recsys-speed)")
+    sp.add_argument("--topic-prefix", help=argparse.SUPPRESS)  # tests: `<prefix>sales`, ...
+    sp.set_defaults(handler="speed.layer:cli")
+
     c = sub.add_parser("consume", help="print a topic's records as JSON lines, decoded")
     c.add_argument("topic", help="sales, sales.dlq, model-ready, recommendations, graph-edges, ...")
     c.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")

@@ -182,6 +182,14 @@ class Settings(BaseSettings):
         description="Retrain early when a model's online precision@k falls below this share of "
         "its offline precision@k (from `feedback`); 0 is off.",
     )
+    # --- speed layer (`recsys speed`) -----------------------------------------------------------
+    speed_max_batch: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="Most sales the speed layer folds in per batch (it takes what the client has "
+        "fetched, never waits for more); each touched user is solved once per batch.",
+    )
     # --- dashboard ------------------------------------------------------------------------------
     dashboard_host: str = Field(
         "127.0.0.1",

@@ -58,6 +58,24 @@ def _admin(settings: Settings):  # -> AdminClient, imported lazily like every cl
     return AdminClient(admin_config(settings))
 
 
+def missing_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
+    """None when the broker answers and every topic in `names` exists; otherwise the line to
+    show the user."""
+    from confluent_kafka import KafkaException
+
+    try:
+        md = _admin(settings).list_topics(timeout=timeout)
+    except TopicError as exc:
+        return str(exc)
+    except KafkaException as exc:
+        return f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0]}"
+    missing = [n for n in names if n not in md.topics or md.topics[n].error is not None]
+    if missing:
+        return (f"topic {missing[0]!r} does not exist on {settings.kafka_bootstrap}: "
+                "run `recsys topics create`")
+    return None
+
+
 def create_topics(
     settings: Settings,
     topics: Iterable[Topic] = TOPICS,

@@ -14,6 +14,8 @@ MODEL_READY = "model-ready"
 RECOMMENDATIONS = "recommendations"
 GRAPH_EDGES = "graph-edges"
 FEEDBACK = "feedback"
+MODEL_FACTORS = "model-factors"
+SPEED_STATE = "speed-state"
 
 WEEK_MS = 7 * 24 * 3600 * 1000
 
@@ -47,6 +49,11 @@ TOPICS: tuple[Topic, ...] = (
     Topic(GRAPH_EDGES, "GraphEdge", "model_version:user_id:product_id", 2,
           {"cleanup.policy": "delete"}),
     Topic(FEEDBACK, "Feedback", "model_version", 1, {"cleanup.policy": "delete"}),
+    # What a fold-in needs from a model, in chunks; one partition, so a reader sees a version's
+    # chunks in order. Spark tombstones the chunks of the version before once a new one is out.
+    Topic(MODEL_FACTORS, "ModelFactors", "model_version:chunk", 1, {"cleanup.policy": "compact"}),
+    # The speed layer's changelog: one record per user, in the partition of the user's sales.
+    Topic(SPEED_STATE, "SpeedState", "user_id", 2, {"cleanup.policy": "compact"}),
 )
 
 BY_NAME = {t.name: t for t in TOPICS}

@@ -70,17 +70,23 @@ class Models:
         self.latest_path = f"{self.root}/LATEST"
 
     def latest(self) -> int:
-        text = read_text(self.spark, self.latest_path)
-        if text is not None:
-            return int(json.loads(text)["model_version"])
+        recorded = self.recorded()
+        if recorded is not None:
+            return int(recorded["model_version"])
         numbered = [int(n) for n in list_names(self.spark, self.root) if n.isdigit()]
         return max(numbered, default=0)
+
+    def recorded(self) -> dict[str, Any] | None:
+        """What `record` wrote last (None without LATEST)."""
+        text = read_text(self.spark, self.latest_path)
+        return None if text is None else json.loads(text)
 
     def next_version(self) -> int:
         return self.latest() + 1
 
-    def record(self, model_ready: dict[str, Any]) -> None:
+    def record(self, model_ready: dict[str, Any], factor_chunks: int = 0) -> None:
         shown = {k: model_ready[k] for k in ("model_version", "model_id", "trigger", "events")}
+        shown["factor_chunks"] = factor_chunks  # to retire them once the next model is out
         write_text(self.spark, self.latest_path, json.dumps(shown))
 
 
@@ -107,7 +113,8 @@ def train_and_publish(
     reason: str | None = None,
 ) -> Published:
     """Train on `sales`, publish recommendations, save the model, publish the graph
-    (`publish_graph`) then model-ready, then record the version.
+    (`publish_graph`), the factors (for the speed layer) then model-ready, then record the
+    version and retire the previous version's factors.
 
     `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
     there to just before model-ready is sent; `Published.recommendations_seconds` to the moment
@@ -120,6 +127,7 @@ def train_and_publish(
 
     started = time.perf_counter() if started is None else started
     models = Models(spark, settings.models)
+    previous = models.recorded()
     version = models.next_version()
     log.info("training model %d (trigger %s)", version, trigger)
     result = pipeline.run_training(spark, sales, settings, version)
@@ -131,6 +139,7 @@ def train_and_publish(
         pipeline.save(spark, result)
         offsets = offset_ranges(sales)
         edges, export = publish_graph(spark, settings, topics, result, sales)
+        chunks = publish.publish_factors(result, offsets, settings, topics.model_factors)
         cycle = time.perf_counter() - started
         record = publish.model_ready_record(result, trigger, offsets, cycle)
         if reason:
@@ -138,7 +147,10 @@ def train_and_publish(
         publish.publish_model_ready(record, settings, topics.model_ready)
     finally:
         result.recommendations.unpersist()
-    models.record(record)
+    models.record(record, chunks)
+    if previous and previous.get("factor_chunks") and int(previous["model_version"]) != version:
+        publish.retire_factors(int(previous["model_version"]), int(previous["factor_chunks"]),
+                               settings, topics.model_factors)
     fit = result.train_seconds
     log.info(
         "model %d published: %d users recommended after %.1f s (ALS.fit %.1f s, %.0f%%); "
@@ -471,20 +483,9 @@ class StreamJob:
 # --- CLI --------------------------------------------------------------------------------------------
 def check_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
     """None when the broker answers and every topic exists; otherwise the line to show."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
+    from recsys.topics import missing_topics
 
-    from recsys.kafka import admin_config
-
-    try:
-        md = AdminClient(admin_config(settings)).list_topics(timeout=timeout)
-    except KafkaException as exc:
-        return f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0]}"
-    missing = [n for n in names if n not in md.topics or md.topics[n].error is not None]
-    if missing:
-        return (f"topic {missing[0]!r} does not exist on {settings.kafka_bootstrap}: "
-                "run `recsys topics create`")
-    return None
+    return missing_topics(settings, names, timeout)
 
 
 def _override(settings: Settings, **flags: Any) -> Settings:
@@ -513,7 +514,7 @@ def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
     )
     topics = _topics(args)
     needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations,
-              topics.graph_edges]
+              topics.graph_edges, topics.model_factors]
     if settings.feedback_retrain_share:
         needed.append(topics.feedback)
     problem = check_topics(settings, needed)
@@ -550,7 +551,7 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
 
     topics = _topics(args)
     problem = check_topics(settings, [topics.model_ready, topics.recommendations,
-                                      topics.graph_edges])
+                                      topics.graph_edges, topics.model_factors])
     if problem:
         print(f"recsys train: {problem}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ from schemas import codec, topics
 
 log = logging.getLogger(__name__)
 
+RETRAIN = "retrain"  # Recommendation.source of a model's own lists (the speed layer's: "fold-in")
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -41,7 +43,8 @@ class Topics:
     model_ready: str = topics.MODEL_READY
     recommendations: str = topics.RECOMMENDATIONS
     feedback: str = topics.FEEDBACK  # read: the aggregator's online feedback (early retrain)
-    graph_edges: str = topics.GRAPH_EDGES  # last: `with_prefix` builds the fields in order
+    graph_edges: str = topics.GRAPH_EDGES  # `with_prefix` builds the fields in order
+    model_factors: str = topics.MODEL_FACTORS  # what the speed layer folds sales in with
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -110,6 +113,9 @@ def recommendation_rows(
         F.lit(model_version).cast("long").alias("model_version"),
         F.coalesce(at_lit, F.current_timestamp()).alias("generated_at"),
         items.alias("items"),
+        F.lit(RETRAIN).alias("source"),
+        F.lit(None).cast("string").alias("sale_event_id"),
+        F.lit(None).cast("timestamp").alias("sale_timestamp"),
     )
     return recs.where(F.col("user_id").isNotNull()).select(
         user.cast("binary").alias("key"),
@@ -220,23 +226,72 @@ def model_ready_record(result: Any, trigger: str, offsets: list[dict[str, Any]],
 
 def publish_model_ready(record: dict[str, Any], settings: Settings, topic: str) -> None:
     """Send the one `model-ready` record, keyed by its version, and wait for the broker's ack."""
+    _send(topic, settings, [(str(record["model_version"]).encode(),
+                             codec.encode("ModelReady", record))])
+    log.info("published model-ready %d (%s) to %s", record["model_version"], record["model_id"],
+             topic)
+
+
+def item_factors_local(result: Any) -> tuple[list[str], Any]:
+    """(product ids, products x rank float32) of a `TrainResult`'s final model, on the driver
+    (Arrow: the factors arrive as one flat float column, no object per row)."""
+    import numpy as np
+
+    table = result.model.itemFactors.select("id", "features").toArrow()
+    numbers = table.column("id").to_numpy()
+    flat = table.column("features").combine_chunks()
+    rank = int(result.model.rank)
+    values = flat.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    names = result.indexes[1].names()
+    return [str(p) for p in names[numbers]], values.reshape(len(numbers), rank)
+
+
+def publish_factors(result: Any, offsets: list[dict[str, Any]], settings: Settings, topic: str
+                    ) -> int:
+    """Put what a fold-in needs from the model on `topic` (schemas/factors.py: chunks, chunk 0
+    with params, offsets and YᵀY) and wait for every ack; returns the number of chunks."""
+    from schemas import factors
+
+    ids, y = item_factors_local(result)
+    params = {str(k): str(v) for k, v in result.params.items()}
+    records = list(factors.chunks(result.model_version, ids, y, params, offsets))
+    _send(topic, settings, [
+        (factors.key(r["model_version"], r["chunk"]), codec.encode("ModelFactors", r))
+        for r in records
+    ])
+    log.info("published the factors of model %d to %s: %d products, rank %d, %d chunk(s)",
+             result.model_version, topic, len(ids), y.shape[1], len(records))
+    return len(records)
+
+
+def retire_factors(model_version: int, chunks: int, settings: Settings, topic: str) -> None:
+    """Tombstone every chunk of `model_version` (a newer version is complete on the topic), so
+    compaction removes it."""
+    from schemas import factors
+
+    _send(topic, settings, [(factors.key(model_version, c), None) for c in range(chunks)])
+    log.info("retired the factors of model %d on %s (%d tombstones)", model_version, topic,
+             chunks)
+
+
+def _send(topic: str, settings: Settings, records: list[tuple[bytes, bytes | None]]) -> None:
+    """Produce (key, value) records with the safe defaults and wait for every ack."""
     from confluent_kafka import KafkaException, Producer
 
-    value = codec.encode("ModelReady", record)
     errors: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:
             errors.append(str(err))
 
-    producer = Producer(kafka.producer_config(settings, **{"linger.ms": 0}))
-    producer.produce(topic, key=str(record["model_version"]).encode(), value=value,
-                     on_delivery=on_delivery)
-    left = producer.flush(60)
+    producer = Producer(kafka.producer_config(settings, **{"linger.ms": 5}))
+    for k, v in records:
+        while True:
+            try:
+                producer.produce(topic, key=k, value=v, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    left = producer.flush(120)
     if left or errors:
-        raise KafkaException(
-            f"model-ready {record['model_version']} to {topic} not acknowledged: "
-            f"{errors[0] if errors else f'{left} in flight after 60 s'}"
-        )
-    log.info("published model-ready %d (%s) to %s", record["model_version"], record["model_id"],
-             topic)
+        raise KafkaException(f"{topic}: {errors[0] if errors else f'{left} in flight after 120 s'}")

@@ -51,7 +51,7 @@ def make_topics(settings: Settings, unique: str) -> Topics:
     prefix = f"t{unique}."
     used = [declared.topic(n) for n in (declared.SALES, declared.SALES_DLQ, declared.MODEL_READY,
                                         declared.RECOMMENDATIONS, declared.FEEDBACK,
-                                        declared.GRAPH_EDGES)]
+                                        declared.GRAPH_EDGES, declared.MODEL_FACTORS)]
     create_topics(settings, topics=used, names=renamed(prefix, topics=used))
     return Topics.with_prefix(prefix)
 

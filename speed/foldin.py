@@ -1,0 +1,159 @@
+"""Fold-in: a user's factor vector from their net interactions and a model's fixed item factors,
+with the normal equations Spark's ALS solves for that user in its last half-iteration (Spark
+`ml.recommendation.ALS.computeFactors`), and the user's top-N from it. Pure numpy, no I/O.
+
+Implicit mode (Hu, Koren, Volinsky 2008, as Spark extends it), for the user's items i with a
+positive net quantity, strength r_i (`confidence`: log1p, raw or binary of the net quantity, as
+spark.prepare makes the ALS input) and c_i = 1 + alpha * r_i:
+
+    (YᵀY + Σ_i (c_i - 1) y_i y_iᵀ + reg · n_u · I) x_u = Σ_i c_i y_i
+
+Explicit mode: (Σ_i y_i y_iᵀ + reg · n_u · I) x_u = Σ_i r_i y_i. In both, n_u is the number of
+the user's rated items: Spark scales the regularisation by it ("ALS-WR"). Spark sums in float64
+from float32 factors and keeps the result in float32; so do we.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.factors import Factors
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The parameters of the solve, as the model was trained (model-factors' params)."""
+
+    implicit: bool
+    alpha: float
+    reg: float
+    confidence: str  # log1p, raw or binary
+
+    @classmethod
+    def of(cls, params: Mapping[str, str]) -> Rule:
+        try:
+            return cls(params.get("als_mode", "implicit") == "implicit",
+                       float(params["alpha"]), float(params["reg_param"]),
+                       params.get("confidence", "log1p"))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"model parameters lack what a fold-in needs: {exc}") from None
+
+    def strength(self, quantity: np.ndarray) -> np.ndarray:
+        """spark.prepare.strength_local: float32, as Spark casts the rating."""
+        if not self.implicit or self.confidence == "raw":
+            return quantity.astype(np.float32)
+        if self.confidence == "binary":
+            return np.ones(len(quantity), dtype=np.float32)
+        return np.log1p(quantity.astype(np.float64)).astype(np.float32)
+
+
+class Model:
+    """One model version ready to fold users in: factors in float64 for the sums, YᵀY, the rule."""
+
+    def __init__(self, factors: Factors) -> None:
+        self.version = factors.model_version
+        self.factors = factors
+        self.rule = Rule.of(factors.params)
+        self.product_ids = np.asarray(factors.product_ids, dtype=object)
+        self.index = factors.index
+        self.y = factors.item_factors.astype(np.float64)
+        self.yty = factors.yty
+        self.rank = factors.rank
+
+    def known(self, quantities: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(item rows, net quantities) of the user's positive products the model knows, and
+        how many positive products it does not know (ignored until the next retrain)."""
+        rows, qty, unknown = [], [], 0
+        for product, q in quantities.items():
+            if q <= 0:
+                continue
+            i = self.index.get(product)
+            if i is None:
+                unknown += 1
+            else:
+                rows.append(i)
+                qty.append(q)
+        return np.asarray(rows, dtype=np.int64), np.asarray(qty, dtype=np.int64), unknown
+
+    def solve(self, rows: np.ndarray, quantities: np.ndarray) -> np.ndarray:
+        """The user's vector (float32) from their known items' rows and net quantities;
+        zeros for a user with none (Spark gives such a user no vector at all)."""
+        if len(rows) == 0:
+            return np.zeros(self.rank, dtype=np.float32)
+        rule = self.rule
+        r = rule.strength(quantities).astype(np.float64)
+        yu = self.y[rows]
+        n = len(rows)
+        if rule.implicit:
+            c1 = rule.alpha * np.abs(r)
+            a = self.yty + (yu * c1[:, None]).T @ yu
+            b = yu.T @ (1.0 + c1)
+        else:
+            a = yu.T @ yu
+            b = yu.T @ r
+        a[np.diag_indices_from(a)] += rule.reg * n
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    def top(self, vector: np.ndarray, n: int, exclude: np.ndarray | None = None
+            ) -> list[tuple[str, float]]:
+        """The `n` best (product_id, score) for `vector`, best first, leaving out `exclude`'s
+        rows; scores as Spark computes them (float32 dot products)."""
+        return _best(self, self.factors.item_factors @ vector.astype(np.float32), n, exclude)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One user folded in: the vector, the list, and what was ignored."""
+
+    user_id: str
+    vector: np.ndarray
+    items: list[tuple[str, float]]
+    unknown_products: int
+
+
+def fold_in(model: Model, user_id: str, quantities: Mapping[str, int], top_n: int,
+            filter_bought: bool = True) -> Folded:
+    """Solve `user_id`'s vector from their net `quantities` (product -> net quantity) and rank
+    the catalogue, leaving out what they bought (positive net) when `filter_bought`."""
+    rows, qty, unknown = model.known(quantities)
+    vector = model.solve(rows, qty)
+    items = model.top(vector, top_n, rows if filter_bought else None) if len(rows) else []
+    return Folded(user_id, vector, items, unknown)
+
+
+def fold_many(model: Model, users: Iterable[tuple[str, Mapping[str, int]]], top_n: int,
+              filter_bought: bool = True) -> list[Folded]:
+    """`fold_in` for several users, scoring the catalogue in one matrix product."""
+    solved = []
+    for user_id, quantities in users:
+        rows, qty, unknown = model.known(quantities)
+        solved.append((user_id, rows, model.solve(rows, qty), unknown))
+    if not solved:
+        return []
+    vectors = np.stack([v for _, _, v, _ in solved])
+    scores = vectors @ model.factors.item_factors.T  # users x products, float32
+    out = []
+    for k, (user_id, rows, vector, unknown) in enumerate(solved):
+        if not len(rows):
+            out.append(Folded(user_id, vector, [], unknown))
+            continue
+        out.append(Folded(user_id, vector, _best(model, scores[k], top_n,
+                                                 rows if filter_bought else None), unknown))
+    return out
+
+
+def _best(model: Model, scores: np.ndarray, n: int, exclude: Sequence[int] | None
+          ) -> list[tuple[str, float]]:
+    """The `n` best rows of `scores` (best first; ties by row, so deterministic) but `exclude`."""
+    if exclude is not None and len(exclude):
+        scores = scores.copy()
+        scores[exclude] = -np.inf
+    n = min(n, int(np.isfinite(scores).sum()))
+    if n <= 0:
+        return []
+    best = np.argpartition(-scores, n - 1)[:n]
+    best = best[np.lexsort((best, -scores[best]))]
+    return [(str(model.product_ids[i]), float(scores[i])) for i in best]

@@ -1,0 +1,381 @@
+"""`recsys speed`: the speed layer's process. Between retrains, every sale is folded into its
+user's vector against the current model and the user's list is republished on `recommendations`
+(source "fold-in", with the model version and the Kafka timestamp of the sale that caused it).
+
+It reads `sales` in the consumer group `recsys-speed` (keyed by user: more instances serve more
+partitions), `model-factors` whole (every instance holds the current model, rebuilt from the topic
+alone) and keeps each user's net quantities in a changelog (`speed-state`, compacted, one record per
+user in the partition of the user's sales), restored on assignment instead of re-reading `sales`.
+
+Commit order of one batch (the sales that the client has already fetched, at most
+`speed_max_batch`; nothing waits for more):
+
+1. each sale -> its user's state (a replayed offset or a known event_id changes nothing)
+2. every touched user whose sale is newer than the model's training offsets -> fold-in -> list
+   -> `recommendations`
+3. every touched user's state -> `speed-state` (same partition as the sale)
+4. flush: wait for the broker's acks of 2 and 3
+5. commit the input offsets. A crash before 5 replays the batch: the states written in 3 say
+   which records were applied already, so nothing counts twice; a crash before 3 loses nothing
+   (the batch runs again in full).
+
+A new model is switched to only when all its chunks arrived (schemas/factors.py), between two
+batches, so no list mixes versions; the users whose last sale is past the offsets the new model
+was trained on are folded in again under it at once, so its retrain lists (published before its
+factors) never stay in place of a fresher one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from recsys import kafka
+from recsys.settings import Settings
+from schemas import codec, factors, topics
+from speed import foldin
+from speed.state import APPLIED, UserState
+
+log = logging.getLogger(__name__)
+
+FOLD_IN = "fold-in"  # Recommendation.source of the speed layer's lists
+GROUP = "recsys-speed"
+PROGRESS_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics the speed layer reads and writes; tests give each run its own names."""
+
+    sales: str = topics.SALES
+    model_factors: str = topics.MODEL_FACTORS
+    recommendations: str = topics.RECOMMENDATIONS
+    state: str = topics.SPEED_STATE
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        return cls(*(prefix + getattr(cls(), f.name) for f in fields(cls)))
+
+
+def _ms(ts: datetime | int) -> int:
+    if isinstance(ts, datetime):
+        return int(ts.timestamp() * 1000)
+    return int(ts)
+
+
+def recommendation(model: foldin.Model, folded: foldin.Folded, state: UserState,
+                   now: datetime | None = None) -> dict[str, Any]:
+    """The `Recommendation` record of one fold-in."""
+    return {
+        "id": f"{model.version}:{folded.user_id}:{state.event_id}",
+        "user_id": folded.user_id,
+        "model_version": model.version,
+        "generated_at": now or datetime.now(UTC),
+        "items": [{"product_id": p, "score": s, "rank": r}
+                  for r, (p, s) in enumerate(folded.items, start=1)],
+        "source": FOLD_IN,
+        "sale_event_id": state.event_id or None,
+        "sale_timestamp": datetime.fromtimestamp(state.sale_timestamp / 1000, UTC),
+    }
+
+
+class SpeedLayer:
+    """The consumer loop; usable from the CLI and in-process (tests, the freshness bench)."""
+
+    def __init__(self, settings: Settings, topics_: Topics | None = None, group: str = GROUP
+                 ) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        self.settings = settings
+        self.topics = topics_ or Topics()
+        self.group = group
+        self.states: dict[str, UserState] = {}
+        self.model: foldin.Model | None = None
+        self.assembler = factors.Assembler()
+        self.counts: Counter[str] = Counter()
+        self.producer = Producer(kafka.producer_config(settings, **{"linger.ms": 1}))
+        self.sales = Consumer(kafka.consumer_config(
+            settings, group, **{"fetch.wait.max.ms": 10, "max.poll.interval.ms": 300_000}))
+        self.factor_reader = Consumer(kafka.consumer_config(settings, f"{group}-factors"))
+        self._encode_rec = codec.Encoder("Recommendation")
+        self._encode_state = codec.Encoder("SpeedState")
+        self._errors: list[str] = []
+        self._last_progress = time.monotonic()
+        self._progress_counts: Counter[str] = Counter()
+
+    # -- model -------------------------------------------------------------------------------
+    def load_factors(self, timeout: float = 60.0) -> None:
+        """Read `model-factors` from the beginning to its end now, so the first batch already
+        folds in against the current model."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        topic = self.topics.model_factors
+        meta = self.factor_reader.list_topics(topic, timeout=15).topics[topic]
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+        ends = {tp.partition: self.factor_reader.get_watermark_offsets(tp, timeout=15)[1]
+                for tp in parts}
+        self.factor_reader.assign(parts)
+        left = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout
+        while left and time.monotonic() < deadline:
+            for m in self.factor_reader.consume(num_messages=100, timeout=0.5):
+                if m.error() is None:
+                    self._on_factor(m)
+                    if m.offset() + 1 >= ends[m.partition()]:
+                        left.discard(m.partition())
+        self._switch_if_complete()
+        m = self.model
+        log.info("model factors read: %s", "no complete model yet (lists start with the first "
+                 "one)" if m is None else f"model {m.version}, {len(m.product_ids)} products, "
+                 f"rank {m.rank}")
+
+    def _on_factor(self, m: Any) -> None:
+        if m.value() is None:
+            self.assembler.tombstone(m.key())
+            return
+        try:
+            _, record = codec.decode(m.value(), expect="ModelFactors")
+        except codec.DecodeError as exc:
+            log.warning("%s[%d]@%d: not a model-factors chunk: %s", m.topic(), m.partition(),
+                        m.offset(), exc)
+            return
+        done = self.assembler.add(record)
+        if done is not None:
+            self._complete = done
+
+    _complete: factors.Factors | None = None
+
+    def poll_factors(self) -> None:
+        for m in self.factor_reader.consume(num_messages=100, timeout=0):
+            if m.error() is None:
+                self._on_factor(m)
+        self._switch_if_complete()
+
+    def _switch_if_complete(self) -> None:
+        """Switch to a newly complete model, then fold in again, under it, every user whose
+        last sale came after the offsets it was trained on."""
+        done, self._complete = self._complete, None
+        if done is None or (self.model is not None and done.model_version <= self.model.version):
+            return
+        try:
+            model = foldin.Model(done)
+        except ValueError as exc:
+            log.error("model %d cannot be folded in with: %s", done.model_version, exc)
+            return
+        self.model = model
+        stale = [s for s in self.states.values() if self._after_model(s)]
+        self._publish(stale)
+        self._flush()
+        log.info("switched to model %d (%d products, rank %d); %d users with newer sales "
+                 "folded in again under it", model.version, len(model.product_ids), model.rank,
+                 len(stale))
+
+    def _after_model(self, state: UserState) -> bool:
+        assert self.model is not None
+        return state.offset > self.model.factors.trained_to(state.partition, self.topics.sales)
+
+    # -- state restore (consumer group callbacks) ---------------------------------------------
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        started = time.perf_counter()
+        before = len(self.states)
+        self._restore([p.partition for p in partitions])
+        log.info("assigned %s: %d users restored from %s in %.1f s",
+                 ", ".join(f"{p.topic}[{p.partition}]" for p in partitions),
+                 len(self.states) - before, self.topics.state, time.perf_counter() - started)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self._flush()
+        gone = {p.partition for p in partitions}
+        self.states = {u: s for u, s in self.states.items() if s.partition not in gone}
+        log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+
+    def _restore(self, partitions: list[int]) -> None:
+        """Each assigned partition's users from the changelog (read to its end; the last record
+        of a user wins, as compaction would keep it)."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        reader = Consumer(kafka.consumer_config(self.settings, f"{self.group}-restore"))
+        try:
+            tps = [TopicPartition(self.topics.state, p, OFFSET_BEGINNING) for p in partitions]
+            ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=15)[1] for tp in tps}
+            reader.assign(tps)
+            left = {p for p, end in ends.items() if end > 0}
+            while left:
+                for m in reader.consume(num_messages=5000, timeout=1.0):
+                    if m.error() is not None:
+                        continue
+                    if m.value() is not None:
+                        state = UserState.of(codec.decode(m.value(), expect="SpeedState")[1])
+                        self.states[state.user_id] = state
+                    if m.offset() + 1 >= ends[m.partition()]:
+                        left.discard(m.partition())
+        finally:
+            reader.close()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._check_partitions()
+        self.load_factors()
+        self.sales.subscribe([self.topics.sales], on_assign=self._on_assign,
+                             on_revoke=self._on_revoke)
+
+    def _check_partitions(self) -> None:
+        meta = self.sales.list_topics(timeout=15).topics
+        need = len(meta[self.topics.sales].partitions)
+        have = len(meta[self.topics.state].partitions)
+        if have < need:
+            raise RuntimeError(f"{self.topics.state} has {have} partitions, {self.topics.sales} "
+                               f"{need}: the changelog needs at least as many")
+
+    def run(self, stop: threading.Event) -> None:
+        """Batches until `stop` is set; then the last batch is committed and the clients closed."""
+        try:
+            while not stop.is_set():
+                self.step(0.2)
+        finally:
+            self.close()
+
+    def step(self, timeout: float) -> int:
+        """One batch: wait up to `timeout` for a sale, take what else is fetched, process and
+        commit it; returns the number of records."""
+        self.poll_factors()
+        first = self.sales.poll(timeout)
+        if first is None:
+            self._progress()
+            return 0
+        batch = [first, *self.sales.consume(num_messages=self.settings.speed_max_batch - 1,
+                                            timeout=0)]
+        self._batch(batch)
+        self._progress()
+        return len(batch)
+
+    def _batch(self, messages: list[Any]) -> None:
+        touched: dict[str, UserState] = {}
+        last: dict[int, int] = {}
+        for m in messages:
+            if m.error() is not None:
+                log.warning("consume error: %s", m.error())
+                continue
+            last[m.partition()] = m.offset()
+            try:
+                _, sale = codec.decode(m.value(), expect="Sale")
+            except codec.DecodeError as exc:  # recsys stream dead-letters it, with the reason
+                self.counts["bad"] += 1
+                log.debug("%s[%d]@%d: skipped: %s", m.topic(), m.partition(), m.offset(), exc)
+                continue
+            user = sale["user_id"]
+            state = self.states.get(user)
+            if state is None:
+                state = self.states[user] = UserState(user)
+            outcome = state.apply(sale, m.partition(), m.offset(), m.timestamp()[1])
+            self.counts[outcome] += 1
+            if outcome == APPLIED:
+                touched[user] = state
+                if self.model is not None and sale["product_id"] not in self.model.index:
+                    self.counts["unknown_product"] += 1
+        fresh = [s for s in touched.values() if self.model is not None and self._after_model(s)]
+        self._publish(fresh)  # (2)
+        for state in touched.values():  # (3)
+            self._produce(self.topics.state, state.user_id, self._encode_state(state.record()),
+                          state.partition)
+        self._flush()  # (4)
+        if last:  # (5)
+            from confluent_kafka import TopicPartition
+
+            self.sales.commit(offsets=[TopicPartition(self.topics.sales, p, o + 1)
+                                       for p, o in last.items()], asynchronous=False)
+        self.counts["sales"] += len(messages)
+
+    def _publish(self, states: list[UserState]) -> None:
+        if not states or self.model is None:
+            return
+        model, now = self.model, datetime.now(UTC)
+        for folded, state in zip(
+            foldin.fold_many(model, ((s.user_id, s.quantities) for s in states),
+                             self.settings.top_n, self.settings.filter_bought),
+            states, strict=True,
+        ):
+            if not folded.items:  # nothing the model knows bought: the list in force stays
+                self.counts["no_list"] += 1
+                continue
+            self._produce(self.topics.recommendations, folded.user_id,
+                          self._encode_rec(recommendation(model, folded, state, now)))
+            self.counts["lists"] += 1
+
+    def _produce(self, topic: str, key: str, value: bytes, partition: int | None = None) -> None:
+        kwargs = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(topic, key=key.encode(), value=value,
+                                      on_delivery=self._on_delivery, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def _flush(self) -> None:
+        left = self.producer.flush(60)
+        if left or self._errors:
+            from confluent_kafka import KafkaException
+
+            raise KafkaException(self._errors[0] if self._errors else f"{left} unacknowledged")
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_SECONDS:
+            return
+        seconds = now - self._last_progress
+        delta = self.counts - self._progress_counts
+        self._progress_counts, self._last_progress = self.counts.copy(), now
+        log.info(
+            "progress: %.0f sales/s, %.0f lists/s (model %s); totals: %d sales, %d applied, "
+            "%d replayed, %d duplicate, %d bad, %d lists, %d sales of products the model does "
+            "not know yet, %d users", delta["sales"] / seconds, delta["lists"] / seconds,
+            self.model.version if self.model else "none", self.counts["sales"],
+            self.counts["applied"], self.counts["replayed"], self.counts["duplicate"],
+            self.counts["bad"], self.counts["lists"], self.counts["unknown_product"],
+            len(self.states),
+        )
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self._progress(force=True)
+            self.sales.close()
+            self.factor_reader.close()
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def cli(settings: Settings, args: argparse.Namespace) -> int:
+    """`recsys speed`: run until SIGTERM/SIGINT."""
+    from recsys.topics import missing_topics
+
+    t = Topics.with_prefix(args.topic_prefix) if args.topic_prefix else Topics()
+    problem = missing_topics(settings, [t.sales, t.model_factors, t.recommendations, t.state])
+    if problem:
+        print(f"recsys speed: {problem}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping after the batch in progress", signal.Signals(signum).name)
+        stop.set()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    layer = SpeedLayer(settings, t, args.group or GROUP)
+    layer.start()
+    layer.run(stop)
+    return 0

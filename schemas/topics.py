@@ -64,3 +64,8 @@ def topic(name: str) -> Topic:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+# `Recommendation.source`: where a list came from.
+RETRAIN = "retrain"  # a model's own list, published by Spark after each retrain
+FOLD_IN = "fold-in"  # the speed layer's list after a sale, between retrains

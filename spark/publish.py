@@ -31,7 +31,6 @@ from schemas import codec, topics
 
 log = logging.getLogger(__name__)
 
-RETRAIN = "retrain"  # Recommendation.source of a model's own lists (the speed layer's: "fold-in")
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def recommendation_rows(
         F.lit(model_version).cast("long").alias("model_version"),
         F.coalesce(at_lit, F.current_timestamp()).alias("generated_at"),
         items.alias("items"),
-        F.lit(RETRAIN).alias("source"),
+        F.lit(topics.RETRAIN).alias("source"),
         F.lit(None).cast("string").alias("sale_event_id"),
         F.lit(None).cast("timestamp").alias("sale_timestamp"),
     )

@@ -46,7 +46,6 @@ from speed.state import APPLIED, UserState
 
 log = logging.getLogger(__name__)
 
-FOLD_IN = "fold-in"  # Recommendation.source of the speed layer's lists
 GROUP = "recsys-speed"
 PROGRESS_SECONDS = 10.0
 
@@ -81,7 +80,7 @@ def recommendation(model: foldin.Model, folded: foldin.Folded, state: UserState,
         "generated_at": now or datetime.now(UTC),
         "items": [{"product_id": p, "score": s, "rank": r}
                   for r, (p, s) in enumerate(folded.items, start=1)],
-        "source": FOLD_IN,
+        "source": topics.FOLD_IN,
         "sale_event_id": state.event_id or None,
         "sale_timestamp": datetime.fromtimestamp(state.sale_timestamp / 1000, UTC),
     }

@@ -26,8 +26,8 @@ from typing import Any
 
 from recsys.settings import Settings
 from streams.faust_codec import Undecodable
-from streams.feedback import Listing, feedback_record, match, newer, to_ms
-from streams.tables import DeadLetterState, State, Tables, rollup_key
+from streams.feedback import RETRAIN, Listing, feedback_record, match, newer, to_ms
+from streams.tables import DeadLetterState, State, Tables, list_key, list_value, rollup_key
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class Aggregation:
                 continue
             user, product, qty = value["user_id"], value["product_id"], int(value["quantity"])
             m = match(recs.listings(user), product, ts)
-            entries.append([eid, ts, user, product, qty, m.model_version, int(m.hit), part])
+            entries.append([eid, ts, user, product, qty, m.model_version, int(m.hit), part,
+                            m.source])
             fresh.add(eid)
             if key is None:
                 msg = event.message
@@ -179,8 +180,10 @@ class Aggregation:
 
     # --- recommendations -------------------------------------------------------------------------
     async def on_recommendations(self, events: Sequence[Any]) -> int:
-        """Set each user's list of its version (and the latest list) when it is new."""
-        recs, tables, counters = self.state.recs, self.tables, self.state.counters
+        """Add each list (a retrain's or a fold-in's) to its user's lists of its version, and make
+        it the user's freshest list when it is newer (streams/feedback.py: `newer`)."""
+        state, tables, counters = self.state, self.tables, self.state.counters
+        recs = state.recs
         changed = 0
         for event in events:
             value = await self._usable(event)
@@ -189,25 +192,36 @@ class Aggregation:
             mv, user = int(value["model_version"]), value["user_id"]
             g = to_ms(value["generated_at"])
             ranked = sorted(value["items"], key=lambda it: it["rank"])
-            listing = Listing(mv, g, tuple(it["product_id"] for it in ranked))
+            source = value.get("source") or RETRAIN
+            listing = Listing(mv, g, tuple(it["product_id"] for it in ranked), source,
+                              value.get("sale_event_id") if source != RETRAIN else None)
+            counters[f"recommendations_{source}"] += 1
             if (recs.versions and mv not in recs.versions
-                    and len(recs.versions) >= self.state.keep_models
+                    and len(recs.versions) >= state.keep_models
                     and mv < min(recs.versions)):
                 counters["recommendations_stale"] += 1  # older than every kept version
                 continue
             if recs.put(user, listing):
-                tables.model_recs[f"{mv}:{user}"] = {"g": g, "items": list(listing.items)}
+                tables.model_recs[list_key(user, listing)] = list_value(user, listing)
+                for key in recs.trim(user, mv):
+                    if key in tables.model_recs:
+                        del tables.model_recs[key]
                 changed += 1
             latest = tables.recs.get(user)
             current = None if latest is None else Listing(
-                latest["model_version"], latest["generated_at"], ())
+                latest["model_version"], latest["generated_at"], (),
+                latest.get("source", RETRAIN))
             if newer(listing, current):
                 tables.recs[user] = {
                     "id": value["id"], "model_version": mv, "generated_at": g,
                     "items": [[it["product_id"], it["score"]] for it in ranked],
+                    "source": source, "sale_event_id": listing.sale_event_id,
                 }
-                if latest is None:
-                    self.state.latest_users += 1
+                if current is None:
+                    state.latest_users += 1
+                else:
+                    state.latest_by_source[current.source] -= 1
+                state.latest_by_source[source] += 1
             self._prune()
         counters["recommendations_in"] += len(events)
         return changed
@@ -216,13 +230,12 @@ class Aggregation:
         recs = self.state.recs
         while len(recs.versions) > self.state.keep_models:
             oldest = min(recs.versions)
-            users = recs.drop_version(oldest)
-            for user in users:
-                key = f"{oldest}:{user}"
+            keys = recs.drop_version(oldest)
+            for key in keys:
                 if key in self.tables.model_recs:
                     del self.tables.model_recs[key]
             log.info("model version %d: %d lists dropped (keeping the last %d versions)",
-                     oldest, len(users), self.state.keep_models)
+                     oldest, len(keys), self.state.keep_models)
 
     # --- model-ready -----------------------------------------------------------------------------
     async def on_models(self, events: Sequence[Any]) -> int:

@@ -7,10 +7,13 @@ writes but before its offset commit reads those events again) can never double c
 update is set-based and keyed by the event's deterministic id, and counts are recomputed from the
 deltas of those updates.
 
-    recs            user_id -> latest list (model_version, generated_at, items); replaced only by
-                    a newer (model_version, generated_at)
-    model_recs      "model_version:user_id" -> list, for the last `aggregate_keep_models`
-                    versions: per-version degrees, and the list a sale is judged against
+    recs            user_id -> freshest list (model_version, generated_at, items, source,
+                    sale_event_id); replaced only by a newer (model_version, generated_at), so a
+                    fold-in under an older version never replaces a newer model's list
+    model_recs      record id -> list, for the last `aggregate_keep_models` versions: the retrain
+                    list ("model_version:user_id") and the fold-in lists
+                    ("model_version:user_id:sale_event_id", at most MAX_LISTS per user and version,
+                    the newest): per-version degrees, and the lists a sale is judged against
     models          model_version -> ModelReady summary (offline metrics)
     sales_batches   one record per agent batch: the batch's new sales, each with its event_id,
                     arrival time, partition and feedback match. Kept while inside the feedback
@@ -35,6 +38,7 @@ librdkafka (sales) and Spark (recommendations) do not do by default.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -44,12 +48,27 @@ from typing import Any
 import faust
 
 from schemas import topics as T
-from streams.feedback import BUCKET_MS, FeedbackWindow, Listing, bucket_of, window_bounds
+from streams.feedback import (
+    BUCKET_MS,
+    RETRAIN,
+    FeedbackWindow,
+    Listing,
+    bucket_of,
+    window_bounds,
+)
 
-# A sale as kept in sales_batches (a JSON list, small on the changelog).
-E_ID, E_TS, E_USER, E_PRODUCT, E_QTY, E_MV, E_HIT, E_PART = range(8)
+# A sale as kept in sales_batches (a JSON list, small on the changelog); E_SRC, the source of the
+# list it was judged against, is absent from the records of older versions (then a retrain's).
+E_ID, E_TS, E_USER, E_PRODUCT, E_QTY, E_MV, E_HIT, E_PART, E_SRC = range(9)
 MAX_MINUTES = 180  # per-minute counts kept after they leave the window
 MAX_REASONS = 50  # distinct dead-letter labels per partition; the rest count as "other"
+# Lists kept per user and version: the newest decides degrees and judges new sales; the older
+# ones judge sales that arrived before it and are read late (a backlog, a replay after a crash).
+MAX_LISTS = 8
+
+
+def source_of(e: list[Any]) -> str | None:
+    return e[E_SRC] if len(e) > E_SRC else RETRAIN
 
 
 @dataclass(frozen=True)
@@ -104,55 +123,85 @@ class VersionStats:
     degree: Counter[str] = field(default_factory=Counter)  # product -> users it is shown to
 
 
+def list_key(user_id: str, listing: Listing) -> str:
+    """A list's `model_recs` key: its Recommendation id (speed/layer.py, spark/publish.py)."""
+    key = f"{listing.model_version}:{user_id}"
+    return key if listing.source == RETRAIN else f"{key}:{listing.sale_event_id or ''}"
+
+
+def list_value(user_id: str, listing: Listing) -> dict[str, Any]:
+    return {"g": listing.generated_at, "items": list(listing.items), "u": user_id,
+            "src": listing.source, "eid": listing.sale_event_id}
+
+
 class RecommendationState:
-    """Per-user lists of the kept versions, and per-version degrees, from `model_recs`."""
+    """Per-user lists of the kept versions, and per-version degrees, from `model_recs`.
+
+    A user may hold several lists of one version (its retrain list, then a fold-in per sale),
+    oldest first; degrees count each user's newest list of the version only.
+    """
 
     def __init__(self) -> None:
-        self.by_user: dict[str, dict[int, Listing]] = {}
+        self.by_user: dict[str, dict[int, list[Listing]]] = {}
         self.versions: dict[int, VersionStats] = {}
 
     def listings(self, user_id: str) -> Iterable[Listing]:
-        return self.by_user.get(user_id, {}).values()
+        return [lst for lists in self.by_user.get(user_id, {}).values() for lst in lists]
 
     def put(self, user_id: str, listing: Listing) -> bool:
-        """Set one user's list of one version; False when it was already exactly that."""
+        """Add (or replace, same source and sale) one list of a user; False when nothing changed:
+        it was already exactly that, or it is older than the MAX_LISTS kept."""
         mv = listing.model_version
-        lists = self.by_user.setdefault(user_id, {})
-        old = lists.get(mv)
-        if old == listing:
+        lists = self.by_user.setdefault(user_id, {}).setdefault(mv, [])
+        old = next((lst for lst in lists if lst.ident == listing.ident), None)
+        if old == listing or (old is None and len(lists) >= MAX_LISTS
+                              and listing.order < lists[0].order):
             return False
+        before = lists[-1] if lists else None
+        if old is not None:
+            lists.remove(old)
+        bisect.insort(lists, listing, key=lambda lst: lst.order)
         stats = self.versions.setdefault(mv, VersionStats())
-        if old is None:
+        if before is None:
             stats.users += 1
-        else:
-            for p in old.items:
-                n = stats.degree[p] - 1
-                if n:
-                    stats.degree[p] = n
-                else:
-                    del stats.degree[p]
-        stats.degree.update(listing.items)
+        if before is not lists[-1]:
+            if before is not None:
+                for p in before.items:
+                    n = stats.degree[p] - 1
+                    if n:
+                        stats.degree[p] = n
+                    else:
+                        del stats.degree[p]
+            stats.degree.update(lists[-1].items)
         stats.k = max(stats.k, len(listing.items))
-        lists[mv] = listing
         return True
 
+    def trim(self, user_id: str, mv: int) -> list[str]:
+        """Keep a user's newest MAX_LISTS lists of a version; the keys of those dropped."""
+        lists = self.by_user.get(user_id, {}).get(mv, [])
+        dropped = lists[:-MAX_LISTS]
+        del lists[:-MAX_LISTS]
+        return [list_key(user_id, lst) for lst in dropped]
+
     def drop_version(self, mv: int) -> list[str]:
-        """Forget a version; the users whose list of it must leave `model_recs`."""
-        users = [u for u, lists in self.by_user.items() if mv in lists]
-        for u in users:
-            del self.by_user[u][mv]
+        """Forget a version; the `model_recs` keys of its lists."""
+        keys = []
+        for u in [u for u, lists in self.by_user.items() if mv in lists]:
+            keys += [list_key(u, lst) for lst in self.by_user[u].pop(mv)]
             if not self.by_user[u]:
                 del self.by_user[u]
         self.versions.pop(mv, None)
-        return users
+        return keys
 
     def rebuild(self, model_recs: Iterable[tuple[str, Any]]) -> None:
         self.__init__()
         for key, value in model_recs:
             if value is None:
                 continue
-            mv, _, user = key.partition(":")
-            self.put(user, Listing(int(mv), int(value["g"]), tuple(value["items"])))
+            mv, _, user = key.partition(":")  # records of older versions: retrain lists only
+            self.put(value.get("u", user), Listing(
+                int(mv), int(value["g"]), tuple(value["items"]), value.get("src", RETRAIN),
+                value.get("eid")))
 
     def degree_histogram(self, mv: int) -> list[list[int]]:
         """[[degree, products with that degree], ...]: how many users each product reaches."""
@@ -302,7 +351,7 @@ class SalesState:
             totals = self.products.setdefault(e[E_PRODUCT], [0, 0, 0])
             for i in range(3):
                 totals[i] += delta[i]
-        self.window.add(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]))
+        self.window.add(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]), source_of(e))
         if e[E_TS] > self.stream_ms:
             self.stream_ms = e[E_TS]
 
@@ -380,7 +429,8 @@ class SalesState:
                     self.open[1] -= 1 if qty > 0 else 0
                     self.open[2] -= 0 if qty > 0 else 1
                     self.open[3] -= qty
-                    self.window.remove(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]))
+                    self.window.remove(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]),
+                                       source_of(e))
         for product, rec in plan.products.items():
             self._absorb(product, rec)
         for p, roll in plan.rollups.items():
@@ -489,6 +539,7 @@ class State:
         self.dead_letters = DeadLetterState()
         self.models: dict[int, dict[str, Any]] = {}
         self.latest_users = 0  # users with a list (size of `recs`)
+        self.latest_by_source: Counter[str] = Counter()  # users by their freshest list's source
         self.recovered = False
         self.feedback: dict[int, dict[str, Any]] = {}  # last published per version
         self.counters: Counter[str] = Counter()
@@ -500,7 +551,9 @@ class State:
     def rebuild(self, tables: Tables) -> None:
         self.models = {int(k): v for k, v in tables.models.items() if v is not None}
         self.recs.rebuild(tables.model_recs.items())
-        self.latest_users = sum(1 for v in tables.recs.values() if v is not None)
+        latest = [v for v in tables.recs.values() if v is not None]
+        self.latest_users = len(latest)
+        self.latest_by_source = Counter(v.get("source", RETRAIN) for v in latest)
         self.sales.rebuild(
             tables.sales_batches.items(),
             tables.product_totals.items(),

@@ -1,9 +1,14 @@
 """The read API, served by Faust's web server (127.0.0.1:6066 by default), JSON only.
 
-    GET /recommendations/{user_id}  the user's latest list ("source": "model"), or the most
-                                    bought products for a user without one ("source": "popular")
-    GET /stats                      top products, degree distribution, feedback, ingest rate,
-                                    dead letters, model metrics (cached for STATS_TTL seconds)
+    GET /recommendations/{user_id}  the user's freshest list: newest model version, then latest
+                                    generated ("source": "retrain" or "fold-in", with its
+                                    model_version and, for a fold-in, the sale_event_id that
+                                    caused it); for a user without one, the most bought products
+                                    ("source": "popular")
+    GET /stats                      top products, degree distribution, feedback (per version and
+                                    per source of the lists), users by the source of their
+                                    freshest list, ingest rate, dead letters, model metrics
+                                    (cached for STATS_TTL seconds)
     GET /ready                      200 once the tables are recovered and a first model exists,
                                     503 before
 
@@ -16,6 +21,7 @@ import time
 from typing import Any
 
 from streams.agents import Aggregation
+from streams.feedback import RETRAIN, SOURCES, source_figures
 
 STATS_TTL = 1.0  # seconds a /stats answer is reused: it sorts every product
 TOP = 20
@@ -53,6 +59,10 @@ def stats(agg: Aggregation) -> dict[str, Any]:
         "latest_model": state.models.get(latest) if latest is not None else None,
         "models": per_version,
         "users_with_recommendations": state.latest_users,
+        "users_by_source": {src: state.latest_by_source[src] for src in SOURCES},
+        # The feedback window's purchases by the source of the list they were judged against.
+        "feedback_by_source": {src: source_figures(sales.window.source_counts(src))
+                               for src in SOURCES},
         "sales": sales.totals(),
         "top_products": sales.top_products(TOP),
         "feedback_window": {"start": start, "end": end, "horizon_ms": sales.horizon},
@@ -99,8 +109,9 @@ def recommendations(agg: Aggregation, user_id: str, cache: Popular | None = None
     latest = agg.tables.recs.get(user_id)
     if latest is not None:
         return {
-            "user_id": user_id, "source": "model", "model_version": latest["model_version"],
-            "generated_at": latest["generated_at"],
+            "user_id": user_id, "source": latest.get("source", RETRAIN),
+            "model_version": latest["model_version"], "generated_at": latest["generated_at"],
+            "sale_event_id": latest.get("sale_event_id"),
             "items": [{"product_id": p, "score": s, "rank": i}
                       for i, (p, s) in enumerate(latest["items"], 1)],
         }

@@ -15,6 +15,12 @@ the decodable sales records past each partition's `to_offset` (exact: offsets sa
 saw); otherwise n counts the valid sales whose Kafka timestamp falls in a later second than the
 model-ready event's (an approximation, to the second, for models trained from a file). Before the first
 model, n is every valid sale read.
+
+The speed layer's lists: `recommendations` carries a retrain list per user and model (source
+"retrain", from Spark) and fold-in lists between retrains (source "fold-in", from the speed layer);
+both are counted by source. A fold-in's freshness is its record's Kafka timestamp (its arrival)
+minus the Kafka timestamp of the sale that caused it (`sale_timestamp`); the fold-ins that arrived
+in the last FRESHNESS_WINDOW_MS are kept (at most MAX_FRESHNESS) for p50/p95.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
+import math
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from schemas import topics
+from schemas.topics import FOLD_IN, RETRAIN  # Recommendation.source
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ RATE_WINDOW_S = 600
 MAX_SECONDS = 100_000
 MAX_BAD_OFFSETS = 10_000
 MAX_WINDOWS = 10_000  # feedback windows kept per model version
+FRESHNESS_WINDOW_MS = 60_000  # fold-in freshness: p50/p95 over the arrivals of the last minute
+MAX_FRESHNESS = 300_000  # fold-ins kept for it: a minute at 5,000 lists/s
 
 # Parts of the state a session may redraw separately; each has its own revision counter.
 MODELS, GRAPH, STREAM, FEEDBACK = "models", "graph", "stream", "feedback"
@@ -111,6 +121,11 @@ class ModelSummary:
     sales_to_offsets: dict[int, int]  # partition -> last offset (inclusive) the model saw
 
 
+def percentile(ordered: list[int], q: float) -> int:
+    """Nearest-rank percentile of sorted values (a value that occurred, never an interpolation)."""
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
 def reason_label(stage: str, reason: str) -> str:
     """A short, low-cardinality label: the text before the first ':' (details follow it)."""
     head = reason.split(":", 1)[0].strip() or "unknown"
@@ -146,6 +161,9 @@ class DashboardState:
         # feedback: per model version, the latest record and (sales, hits) per window
         self.feedback: dict[int, dict[str, Any]] = {}
         self.feedback_windows: dict[int, dict[int, tuple[int, int]]] = {}
+        # speed layer: lists by source; (arrival ms, freshness ms) of the latest fold-ins
+        self.lists_by_source: Counter[str] = Counter()
+        self.freshness: deque[tuple[int, int]] = deque(maxlen=MAX_FRESHNESS)
         self._handlers = {
             topics.MODEL_READY: self._on_model,
             topics.RECOMMENDATIONS: self._on_recommendation,
@@ -231,7 +249,15 @@ class DashboardState:
         return g
 
     def _on_recommendation(self, rec: dict[str, Any], meta: Meta) -> None:
-        g = self._graph(int(rec["model_version"]))
+        version = int(rec["model_version"])
+        source = str(rec.get("source") or RETRAIN)
+        self.lists_by_source[source] += 1
+        if source == FOLD_IN and rec.get("sale_timestamp") is not None:
+            arrived = meta.timestamp_ms
+            self.freshness.append((arrived, arrived - _ms(rec["sale_timestamp"])))
+            while self.freshness and self.freshness[0][0] <= arrived - FRESHNESS_WINDOW_MS:
+                self.freshness.popleft()
+        g = self._graph(version)
         if g is None:
             return
         user = str(rec["user_id"])
@@ -449,6 +475,19 @@ class DashboardState:
     def dead_letters(self) -> list[tuple[str, int]]:
         with self._lock:
             return self.dlq.most_common()
+
+    def speed(self, now_ms: int) -> dict[str, Any]:
+        """Lists read by source, and the freshness (ms) of the fold-ins that arrived in the
+        minute before `now_ms`: their count, p50 and p95 (None without any)."""
+        with self._lock:
+            recent = sorted(f for at, f in self.freshness
+                            if now_ms - FRESHNESS_WINDOW_MS < at <= now_ms)
+            return {
+                "lists": {src: self.lists_by_source[src] for src in (RETRAIN, FOLD_IN)},
+                "fold_ins": len(recent),
+                "p50_ms": percentile(recent, 50) if recent else None,
+                "p95_ms": percentile(recent, 95) if recent else None,
+            }
 
     def feedback_by_version(self) -> list[tuple[int, dict[str, float]]]:
         """Per version: the latest record's figures, with `hit_rate` over all its windows

@@ -3,15 +3,17 @@
 The module takes its own broker (Faust's consumer group and changelog topic names come from the
 app id, so sharing the session broker with other tests would mix state). The test:
 
-1. publishes a model (model-ready + one list per user), starts the worker, waits for /ready;
+1. publishes a model (model-ready + one list per user) and, for some users, a fold-in list of the
+   speed layer generated in the middle of the last minute, starts the worker, waits for /ready;
 2. publishes sales with explicit arrival timestamps over 12 minutes (so minutes leave the
    2-minute feedback window and are folded into totals), duplicates, undecodable values and
    dead letters;
 3. kills the worker with SIGKILL in the middle of the second half, restarts it;
 4. compares /stats with a recomputation from the source topics read back from Kafka: totals,
    every product, per-minute counts, dead letters by reason, and the feedback of the window
-   (also on the `feedback` topic); nothing lost, nothing counted twice;
-5. asks /recommendations for a known and an unknown user;
+   (also on the `feedback` topic) and per source of the lists (retrain, fold-in); nothing lost,
+   nothing counted twice;
+5. asks /recommendations for a user with a retrain list, one with a fold-in and an unknown user;
 6. stops the worker with SIGTERM: the sales reader has committed every sale it read.
 """
 
@@ -41,7 +43,16 @@ from recsys.settings import Settings, load
 from recsys.topics import create_topics
 from schemas import codec
 from schemas import topics as T
-from streams.feedback import BUCKET_MS, Listing, bucket_of, horizon_ms, recompute, window_bounds
+from streams.feedback import (
+    BUCKET_MS,
+    FOLD_IN,
+    Listing,
+    bucket_of,
+    horizon_ms,
+    recompute,
+    recompute_by_source,
+    window_bounds,
+)
 from streams.tables import reason_label
 
 pytestmark = pytest.mark.integration
@@ -51,6 +62,8 @@ HORIZON_S = 120
 NOW = int(time.time() * 1000)
 T0 = bucket_of(NOW - 40 * 60_000)  # arrivals from 40 minutes ago, within topic retention
 WAIT = 180.0
+FOLDED = [f"u{i}" for i in range(10, 20)]  # users with a fold-in list
+FOLD_AT = T0 + 11 * BUCKET_MS + 5_000  # inside the last minute of sales (each minute's take ~10 s)
 
 
 # --- the worker process -------------------------------------------------------------------------
@@ -184,15 +197,25 @@ def read_all(settings: Settings, topic: str) -> list[Any]:
 # --- the data ------------------------------------------------------------------------------------
 
 
-def model_records(rng: random.Random) -> tuple[list, dict[str, list[str]]]:
-    lists = {f"u{i}": rng.sample([f"p{j}" for j in range(PRODUCTS)], K) for i in range(USERS)}
+def model_records(rng: random.Random) -> tuple[list, dict[str, list[Listing]]]:
+    """The model's records, and every user's lists (retrain, then fold-in for FOLDED)."""
+    lists = {f"u{i}": [Listing(1, T0, tuple(rng.sample([f"p{j}" for j in range(PRODUCTS)], K)))]
+             for i in range(USERS)}
+    for user in FOLDED:
+        lists[user].append(Listing(1, FOLD_AT, tuple(rng.sample([f"p{j}" for j in range(
+            PRODUCTS)], K)), FOLD_IN, f"fold-{user}"))
     recs = []
-    for user, items in lists.items():
-        value = codec.encode("Recommendation", {
-            "id": f"1:{user}", "user_id": user, "model_version": 1, "generated_at": T0,
-            "items": [{"product_id": p, "score": 1.0 / r, "rank": r}
-                      for r, p in enumerate(items, 1)]})
-        recs.append((T.RECOMMENDATIONS, user.encode(), value, T0))
+    for user, listings in lists.items():
+        for lst in listings:
+            fold = lst.source == FOLD_IN
+            value = codec.encode("Recommendation", {
+                "id": f"1:{user}" + (f":{lst.sale_event_id}" if fold else ""), "user_id": user,
+                "model_version": 1, "generated_at": lst.generated_at,
+                "items": [{"product_id": p, "score": 1.0 / r, "rank": r}
+                          for r, p in enumerate(lst.items, 1)],
+                "source": lst.source, "sale_event_id": lst.sale_event_id,
+                "sale_timestamp": lst.generated_at - 40 if fold else None})
+            recs.append((T.RECOMMENDATIONS, user.encode(), value, lst.generated_at))
     ready = codec.encode("ModelReady", {
         "model_version": 1, "model_id": "m1", "trained_at": T0, "trigger": "manual",
         "events": 1000, "users": USERS, "products": PRODUCTS, "offsets": [],
@@ -222,7 +245,8 @@ def sales_records(rng: random.Random, first: int, minutes: range, per_minute: in
 # --- the recomputation ---------------------------------------------------------------------------
 
 
-def expected(settings: Settings, lists: dict[str, list[str]], clock_ms: int) -> dict[str, Any]:
+def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int
+             ) -> dict[str, Any]:
     seen: set[str] = set()
     rows = []
     for msg in read_all(settings, T.SALES):
@@ -242,8 +266,8 @@ def expected(settings: Settings, lists: dict[str, list[str]], clock_ms: int) -> 
         p[2] += qty
         minutes[bucket_of(ts)] += 1
     start, _ = window_bounds(clock_ms, horizon_ms(HORIZON_S))
-    listings = {u: [Listing(1, T0, tuple(items))] for u, items in lists.items()}
-    feedback = recompute([r for r in rows if r[0] >= start], listings, {1: K})[1]
+    window = [r for r in rows if r[0] >= start]
+    feedback = recompute(window, lists, {1: K})[1]
     reasons: Counter[str] = Counter()
     for msg in read_all(settings, T.SALES_DLQ):
         _, rec = codec.decode(msg.value(), "DeadLetter")
@@ -253,6 +277,7 @@ def expected(settings: Settings, lists: dict[str, list[str]], clock_ms: int) -> 
                    "returns": sum(1 for r in rows if r[3] <= 0),
                    "quantity": sum(r[3] for r in rows), "distinct_products": len(products)},
         "products": products, "minutes": sorted(minutes.items()), "feedback": feedback,
+        "by_source": recompute_by_source(window, lists),
         "dead_letters": dict(reasons), "window_start": start,
     }
 
@@ -265,8 +290,8 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
     worker = Worker(settings, port, tmp_path / "worker.log").start()
     try:
         worker.wait_for("/ready", lambda: worker.get("/ready")[0] == 200)
-        worker.wait_for("every list", lambda: worker.stats()["users_with_recommendations"]
-                        == USERS)
+        worker.wait_for("every list", lambda: worker.stats()["users_by_source"]
+                        == {"retrain": USERS - len(FOLDED), FOLD_IN: len(FOLDED)})
 
         # First half: 6 minutes of sales, bad values and dead letters.
         first = sales_records(rng, 0, range(0, 6), 150)
@@ -312,13 +337,18 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
         fb = model["feedback"]
         assert {k: fb[k] for k in want["feedback"]} == pytest.approx(want["feedback"])
         assert fb["offline_precision_at_k"] == 0.2 and fb["k"] == K
+        by_source = stats["feedback_by_source"]
+        for source, figures in want["by_source"].items():
+            assert by_source[source] == pytest.approx(figures), source
+        assert by_source[FOLD_IN]["sales"] > 0 and by_source["retrain"]["sales"] > 0
+        assert by_source[FOLD_IN]["sales"] + by_source["retrain"]["sales"] == fb["sales"]
         dl = worker.wait_for("dead letters", lambda: (lambda d: d if d["total"] == sum(
             want["dead_letters"].values()) else None)(worker.stats()["dead_letters"]))
         assert dl["by_reason"] == want["dead_letters"]
         assert dl["by_reason"]["aggregate: bad marker 6e6f (want c301)"] >= 1  # the bad value
         assert dl["by_reason"]["produce: no customer id"] == 4
-        # Degree distribution: each of the 40 users' 5 products, counted per product.
-        degrees = Counter(Counter(p for items in lists.values() for p in items).values())
+        # Degree distribution: each of the 40 users' newest list's 5 products, per product.
+        degrees = Counter(Counter(p for ls in lists.values() for p in ls[-1].items).values())
         assert model["degree_distribution"] == [[d, n] for d, n in sorted(degrees.items())]
 
         # The published feedback for the final window equals the recomputation.
@@ -334,10 +364,14 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
                                   f"{fb_topic['window_end'].timestamp() * 1000:.0f}:"
                                   f"{fb_topic['sales']}:{fb_topic['hits']}")
 
-        # The read API for a known and an unknown user.
+        # The read API for a user with a retrain list, one with a fold-in and an unknown user.
         status, known = worker.get("/recommendations/u3")
-        assert status == 200 and known["source"] == "model"
-        assert [i["product_id"] for i in known["items"]] == lists["u3"]
+        assert status == 200 and known["source"] == "retrain" and known["model_version"] == 1
+        assert [i["product_id"] for i in known["items"]] == list(lists["u3"][0].items)
+        status, folded = worker.get("/recommendations/u12")
+        assert status == 200 and (folded["source"], folded["sale_event_id"]) == (
+            FOLD_IN, "fold-u12")
+        assert [i["product_id"] for i in folded["items"]] == list(lists["u12"][1].items)
         status, unknown = worker.get("/recommendations/somebody-new")
         assert status == 200 and unknown["source"] == "popular" and len(unknown["items"]) == K
         best = max(want["products"].items(), key=lambda kv: (kv[1][0], -int(kv[0][1:])))

@@ -19,7 +19,14 @@ from schemas import codec
 from streams import views
 from streams.agents import Aggregation, Topics
 from streams.faust_codec import Undecodable
-from streams.feedback import BUCKET_MS, Listing, horizon_ms, recompute
+from streams.feedback import (
+    BUCKET_MS,
+    FOLD_IN,
+    Listing,
+    horizon_ms,
+    recompute,
+    recompute_by_source,
+)
 from streams.tables import State, Tables
 
 pytestmark = pytest.mark.unit
@@ -40,7 +47,15 @@ def settings(tmp_path):
 def rec_event(user: str, mv: int, items: list[str], generated_at: int = T0) -> dict[str, Any]:
     return {"id": f"{mv}:{user}", "user_id": user, "model_version": mv,
             "generated_at": generated_at,
-            "items": [{"product_id": p, "score": 1.0 / r, "rank": r} for r, p in enumerate(items, 1)]}
+            "items": [{"product_id": p, "score": 1.0 / r, "rank": r} for r, p in enumerate(items, 1)],
+            "source": "retrain", "sale_event_id": None, "sale_timestamp": None}
+
+
+def fold_in(user: str, mv: int, items: list[str], generated_at: int, sale_id: str
+            ) -> dict[str, Any]:
+    """The speed layer's list after the sale `sale_id` (speed/layer.py `recommendation`)."""
+    return {**rec_event(user, mv, items, generated_at), "id": f"{mv}:{user}:{sale_id}",
+            "source": FOLD_IN, "sale_event_id": sale_id, "sale_timestamp": generated_at - 5}
 
 
 def sale(i: int, user: str, product: str, qty: int = 1) -> dict[str, Any]:
@@ -212,9 +227,12 @@ async def feed(agg: Aggregation, events: list, batch: int) -> None:
 
 def views_of(agg: Aggregation) -> dict[str, Any]:
     s = agg.state.sales
+    counts = lambda c: (c.sales, c.hits, dict(c.users), dict(c.pairs))  # noqa: E731
     return {"totals": s.totals(), "products": s.products, "minutes": s.per_minute(),
-            "window": {mv: (c.sales, c.hits, dict(c.users), dict(c.pairs))
-                       for mv, c in s.window.by_version.items()}}
+            "window": {mv: counts(c) for mv, c in s.window.by_version.items()},
+            "by_source": {src: counts(c) for src, c in s.window.by_source.items()},
+            "lists": agg.state.recs.by_user, "latest": dict(agg.tables.recs),
+            "latest_by_source": +agg.state.latest_by_source}
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -286,6 +304,11 @@ def test_a_worker_killed_anywhere_and_replayed_counts_each_sale_once(settings, s
     rng = random.Random(seed)
     recs = [event(rec_event(u, 1, items), "recommendations", 0, i, T0)
             for i, (u, items) in enumerate(LISTS.items())]
+    # Fold-ins after u1's minute-0 sales and inside minute 6 for u2: later sales are judged by
+    # them, earlier ones by the retrain lists.
+    recs += [event(fold_in(u, 1, items, T0 + m * BUCKET_MS + 30_000, f"e{i}"),
+                   "recommendations", 0, 2 + i, T0 + m * BUCKET_MS + 30_000)
+             for i, (m, u, items) in enumerate([(0, "u1", ["b", "x"]), (6, "u2", ["d", "c"])])]
     events = sales_events() + [event(sale(i, "u4", "a"), "sales", 2, i, T0 + 7 * BUCKET_MS + i)
                                for i in range(100, 110)]
     if rng.random() < 0.5:  # a backlog read one partition after the other
@@ -314,6 +337,7 @@ def test_a_worker_killed_anywhere_and_replayed_counts_each_sale_once(settings, s
     run(restarted.on_recovered())
     run(full(restarted))
     assert views_of(restarted) == want
+    assert set(want["by_source"]) == {"retrain", FOLD_IN}
     assert restarted.state.dead_letters.totals() == reference.state.dead_letters.totals()
     # And the recovered-then-replayed tables rebuild to the same views once more.
     again, _ = aggregation(settings, Log(), restore=[
@@ -332,7 +356,7 @@ def test_read_api_answers_for_a_known_and_an_unknown_user(settings):
                       event(sale(1, "u8", "z"), "sales", 0, 1, T0 + 2),
                       event(sale(2, "u8", "y"), "sales", 0, 2, T0 + 3)]))
     known = views.recommendations(agg, "u1")
-    assert known["source"] == "model" and [i["product_id"] for i in known["items"]] == ["a", "b"]
+    assert known["source"] == "retrain" and [i["product_id"] for i in known["items"]] == ["a", "b"]
     assert known["items"][0]["rank"] == 1 and known["model_version"] == 1
     unknown = views.recommendations(agg, "nobody")
     assert unknown["source"] == "popular"
@@ -341,6 +365,80 @@ def test_read_api_answers_for_a_known_and_an_unknown_user(settings):
     assert s["ready"] is False  # no model-ready yet
     assert s["models"][0]["degree_distribution"] == [[1, 2]]
     assert s["sales"]["events"] == 3 and s["top_products"][0]["product_id"] == "z"
+
+
+def test_read_api_answers_the_freshest_list(settings):
+    """Newest model version first; within a version the latest generated: a fold-in generated
+    after its version's retrain list wins, a fold-in under an older version never does."""
+    agg, _ = aggregation(settings, Log())
+    run(agg.on_recovered())
+
+    def send(*recs: dict[str, Any]) -> dict[str, Any]:
+        run(agg.on_recommendations([event(r, "recommendations", 0, i, r["generated_at"])
+                                    for i, r in enumerate(recs)]))
+        return views.recommendations(agg, "u1")
+
+    got = send(rec_event("u1", 1, ["a", "b"], T0))
+    assert (got["source"], got["model_version"], got["sale_event_id"]) == ("retrain", 1, None)
+    got = send(fold_in("u1", 1, ["c", "a"], T0 + 10, "s1"))  # retrain, then a fold-in
+    assert (got["source"], got["model_version"], got["sale_event_id"]) == (FOLD_IN, 1, "s1")
+    assert [i["product_id"] for i in got["items"]] == ["c", "a"]
+    got = send(rec_event("u1", 1, ["a", "b"], T0))  # the retrain list again (a replay)
+    assert got["sale_event_id"] == "s1"
+    got = send(rec_event("u1", 2, ["d", "e"], T0 + 20),  # a new model's list, then a fold-in
+               fold_in("u1", 1, ["f", "g"], T0 + 30, "s2"))  # under the old one, generated later
+    assert (got["source"], got["model_version"], got["items"][0]["product_id"]) == (
+        "retrain", 2, "d")
+    got = send(fold_in("u1", 2, ["h", "d"], T0 + 40, "s3"))
+    assert (got["source"], got["model_version"], got["sale_event_id"]) == (FOLD_IN, 2, "s3")
+    assert sorted(agg.tables.model_recs) == ["1:u1", "1:u1:s1", "1:u1:s2", "2:u1", "2:u1:s3"]
+    # Degrees count each user's newest list of a version; both kinds of list are counted.
+    assert agg.state.recs.top_recommended(1, 5) == [{"product_id": "f", "users": 1},
+                                                   {"product_id": "g", "users": 1}]
+    s = views.stats(agg)
+    assert s["users_by_source"] == {"retrain": 0, FOLD_IN: 1}
+    assert agg.state.counters["recommendations_fold-in"] == 3
+    # The same after a restart: the views come back from the tables.
+    again, _ = aggregation(settings, Log(), restore=[
+        (name, k, v) for name in ("recs", "model_recs") for k, v in
+        getattr(agg.tables, name).items()])
+    run(again.on_recovered())
+    assert views.recommendations(again, "u1") == views.recommendations(agg, "u1")
+    assert again.state.recs.by_user == agg.state.recs.by_user
+    assert views.stats(again)["users_by_source"] == s["users_by_source"]
+
+
+def test_feedback_judges_fold_in_lists_and_reports_hit_rate_per_source(settings):
+    """Each sale is judged against the list in force when it arrived, whatever its source; the
+    Feedback record of a version counts both, /stats splits them."""
+    agg, sent = aggregation(settings, Log())
+    run(agg.on_recovered())
+    retrain = {"u1": rec_event("u1", 1, ["a", "b"]), "u2": rec_event("u2", 1, ["a"])}
+    folds = [fold_in("u1", 1, ["d", "e"], T0 + 10_000, "s0"),
+             fold_in("u2", 1, ["c"], T0 + 40_000, "s5")]
+    run(agg.on_recommendations([event(r, "recommendations", 0, i, r["generated_at"])
+                                for i, r in enumerate([*retrain.values(), *folds])]))
+    rows = [(T0 + 5_000, "u1", "c", 1),   # s0: before u1's fold-in was generated: retrain, miss
+            (T0 + 11_000, "u1", "d", 1),  # fold-in, hit
+            (T0 + 12_000, "u1", "e", 2),  # fold-in, hit
+            (T0 + 13_000, "u1", "x", 1),  # fold-in, miss
+            (T0 + 14_000, "u2", "a", 1),  # retrain (u2's fold-in comes later), hit
+            (T0 + 41_000, "u2", "c", 1),  # fold-in, hit
+            (T0 + 42_000, "u2", "z", -1)]  # a return: not judged
+    run(agg.on_sales([event(sale(i, u, p, q), "sales", 0, i, ts)
+                      for i, (ts, u, p, q) in enumerate(rows)]))
+    by_source = views.stats(agg)["feedback_by_source"]
+    listings = {"u1": [Listing(1, T0, ("a", "b")), Listing(1, T0 + 10_000, ("d", "e"), FOLD_IN,
+                                                            "s0")],
+                "u2": [Listing(1, T0, ("a",)), Listing(1, T0 + 40_000, ("c",), FOLD_IN, "s5")]}
+    assert by_source == recompute_by_source(rows, listings)
+    assert by_source["retrain"] == {"sales": 2, "users": 2, "hits": 1, "hit_pairs": 1,
+                                    "hit_rate": 0.5}
+    assert by_source[FOLD_IN] == {"sales": 4, "users": 2, "hits": 3, "hit_pairs": 3,
+                                  "hit_rate": 0.75}
+    (published,) = run(agg.publish_feedback(now_ms=T0))
+    assert (published["sales"], published["hits"]) == (6, 4)  # v1, both sources
+    assert sent[-1][2] == published
 
 
 # --- the real agents, through Faust's test_context ----------------------------------------------

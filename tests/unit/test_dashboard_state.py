@@ -13,7 +13,7 @@ from schemas import topics
 from visualizer import state as state_mod
 from visualizer.panels.network import PRODUCT_RING, USER_RING, radial_bipartite_layout
 from visualizer.panels.status import banner_html
-from visualizer.panels.stream import progress_html
+from visualizer.panels.stream import progress_html, speed_html
 from visualizer.panels.top_products import bar_label
 from visualizer.state import DashboardState, Meta, reason_label
 
@@ -58,6 +58,13 @@ def rec(version: int, user: str, products: list[str]) -> dict:
             {"product_id": p, "score": 1.0 / r, "rank": r} for r, p in enumerate(products, 1)
         ],
     }
+
+
+def fold_in(version: int, user: str, products: list[str], sale_ts: int, sale_id: str) -> dict:
+    """A speed-layer list (speed/layer.py): the sale's Kafka timestamp as fastavro reads it."""
+    return {**rec(version, user, products), "id": f"{version}:{user}:{sale_id}",
+            "source": "fold-in", "sale_event_id": sale_id,
+            "sale_timestamp": datetime.fromtimestamp(sale_ts / 1000, UTC)}
 
 
 def edge(version: int, user: str, product: str, rank: int = 1, because=("B1",)) -> dict:
@@ -236,6 +243,39 @@ def test_online_hit_rate_sums_each_window_once_at_its_latest_figures():
     assert figures["hit_rate"] == pytest.approx(6 / 50)
 
 
+def test_lists_by_source_and_fold_in_freshness_over_the_last_minute():
+    s = graph_state()  # three lists of v1 without a source (schema v1): retrains
+    s.apply({**rec(1, "u4", ["P2"]), "source": "retrain"}, meta(topics.RECOMMENDATIONS))
+    # 20 fold-ins arriving at T0 + i s, each i * 10 ms after its sale, and one a minute earlier.
+    s.apply(fold_in(1, "u1", ["P4"], T0 - 90_000, "old"), meta(topics.RECOMMENDATIONS,
+                                                                 ts=T0 - 60_000))
+    for i in range(1, 21):
+        at = T0 + i * 1000
+        s.apply(fold_in(1, f"u{i}", ["P2"], at - i * 10, f"s{i}"),
+                meta(topics.RECOMMENDATIONS, offset=i, ts=at))
+    s.apply(fold_in(0, "u1", ["P9"], T0, "stale"), meta(topics.RECOMMENDATIONS, ts=T0))
+    speed = s.speed(T0 + 20_000)
+    assert speed["lists"] == {"retrain": 4, "fold-in": 22}  # an older version's list too
+    # The minute (T0 - 40 s, T0 + 20 s]: the 20 fold-ins and the stale one (0 ms).
+    assert speed["fold_ins"] == 21
+    assert (speed["p50_ms"], speed["p95_ms"]) == (100, 190)  # nearest rank: 11th, 20th of 21
+    later = s.speed(T0 + 70_000)  # a minute on: only the fold-ins after T0 + 10 s
+    assert (later["fold_ins"], later["p50_ms"], later["p95_ms"]) == (10, 150, 200)
+    assert s.speed(T0 + 200_000)["p50_ms"] is None
+    assert speed_html(speed) == (
+        "<b>lists:</b> 4 retrain · 22 fold-in &nbsp; <b>fold-in freshness</b> (last minute): "
+        "p50 100 ms · p95 190 ms (21 lists)")
+    assert speed_html(s.speed(T0 + 200_000)).endswith("(last minute): no fold-in")
+
+
+def test_fold_in_freshness_samples_are_bounded(monkeypatch):
+    monkeypatch.setattr(state_mod, "MAX_FRESHNESS", 5)
+    s = DashboardState(threshold=10)
+    for i in range(8):
+        s.apply(fold_in(1, "u", ["P"], T0, f"s{i}"), meta(topics.RECOMMENDATIONS, i, ts=T0 + i))
+    assert s.speed(T0 + 10)["fold_ins"] == 5 and s.speed(T0 + 10)["p50_ms"] == 5
+
+
 def test_a_record_without_what_a_panel_needs_is_counted_not_fatal():
     s = DashboardState(threshold=10)
     s.apply({"user_id": "u1"}, meta(topics.RECOMMENDATIONS))  # no model_version
@@ -312,4 +352,5 @@ def test_the_document_builds_and_draws_the_shared_state(monkeypatch):
     assert doc.get_model_by_name("top-products").data["product"] == ["P3", "P2", "P1"]
     assert "RED MUG" in doc.get_model_by_name("top-products").data["description"][-1]
     assert "Model v1" in doc.get_model_by_name("banner").text
+    assert "3 retrain · 0 fold-in" in doc.get_model_by_name("speed").text
     assert len(doc.session_callbacks) == 1  # the periodic redraw

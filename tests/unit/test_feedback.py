@@ -10,17 +10,25 @@ import pytest
 from schemas import codec
 from streams.feedback import (
     BUCKET_MS,
+    FOLD_IN,
     FeedbackWindow,
     Listing,
     feedback_record,
     horizon_ms,
     in_force,
     match,
+    newer,
     recompute,
     to_ms,
     window_bounds,
 )
-from streams.tables import DeadLetterState, RecommendationState, SalesState, reason_label
+from streams.tables import (
+    MAX_LISTS,
+    DeadLetterState,
+    RecommendationState,
+    SalesState,
+    reason_label,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -196,7 +204,33 @@ def test_degrees_follow_replaced_lists():
     assert r.degree_histogram(1) == [[1, 2], [2, 1]]
     assert r.top_recommended(1, 1) == [{"product_id": "c", "users": 2}]
     assert r.versions[1].users == 2 and r.versions[1].k == 2
-    assert sorted(r.drop_version(1)) == ["u1", "u2"] and r.versions == {}
+    assert sorted(r.drop_version(1)) == ["1:u1", "1:u2"] and r.versions == {}
+
+
+def test_a_fold_in_adds_a_list_of_its_version_and_degrees_follow_the_newest():
+    r = RecommendationState()
+    r.put("u1", Listing(1, T0, ("a", "b")))
+    fold = Listing(1, T0 + 5, ("c", "b"), FOLD_IN, "e1")
+    assert r.put("u1", fold) and not r.put("u1", fold)
+    assert list(r.listings("u1")) == [Listing(1, T0, ("a", "b")), fold]  # both judge sales
+    assert dict(r.versions[1].degree) == {"b": 1, "c": 1} and r.versions[1].users == 1
+    late = Listing(1, T0 + 1, ("z",), FOLD_IN, "e0")  # generated before e1's, read after it
+    assert r.put("u1", late) and dict(r.versions[1].degree) == {"b": 1, "c": 1}
+    assert in_force(r.listings("u1"), T0 + 2) == late
+    for i in range(2, 12):
+        r.put("u1", Listing(1, T0 + 10 + i, ("d",), FOLD_IN, f"e{i}"))
+    dropped = r.trim("u1", 1)
+    assert dropped == ["1:u1", "1:u1:e0", "1:u1:e1", "1:u1:e2", "1:u1:e3"]  # the oldest
+    assert len(list(r.listings("u1"))) == MAX_LISTS
+    assert not r.put("u1", Listing(1, T0 + 3, ("y",), FOLD_IN, "old"))  # older than all kept
+    assert sorted(r.drop_version(1))[0] == "1:u1:e10"
+
+
+def test_freshness_orders_by_version_then_generation_time():
+    retrain2 = Listing(2, T0, ("a",))
+    assert newer(Listing(2, T0 + 1, ("b",), FOLD_IN, "e"), retrain2)
+    assert not newer(Listing(1, T0 + 99, ("b",), FOLD_IN, "e"), retrain2)  # older model
+    assert newer(Listing(2, T0, ("b",), FOLD_IN, "e"), retrain2)  # a tie goes to the fold-in
 
 
 def test_dead_letters_count_once_per_offset():

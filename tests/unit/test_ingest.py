@@ -160,6 +160,7 @@ def test_recommendations_round_trip_through_the_codec(spark):
         "id": "7:u1", "user_id": "u1", "model_version": 7, "generated_at": at,
         "items": [{"product_id": "p1", "score": 0.5, "rank": 1},
                   {"product_id": "p2", "score": 0.25, "rank": 2}],
+        "source": "retrain", "sale_event_id": None, "sale_timestamp": None,
     }
     assert codec.decode(out[b"u2"])[1]["items"] == []
 

@@ -1,5 +1,7 @@
 """The stream: valid sales per second (by Kafka timestamp), progress to the next training
-threshold (n of N valid events since the latest model) and dead letters by reason."""
+threshold (n of N valid events since the latest model), dead letters by reason, and the speed
+layer: lists by source (retrain, fold-in) and the freshness of the last minute's fold-ins
+(redrawn every second with the rest of the panel, so old fold-ins leave the figures)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,16 @@ WINDOW_S = 120
 REASONS_SHOWN = 10
 # Shown while the job trains: until its model-ready arrives, n keeps counting past N.
 TRAINING = " — threshold reached, training"
+
+
+def speed_html(speed: dict) -> str:
+    lists = speed["lists"]
+    text = (f"<b>lists:</b> {lists['retrain']:,} retrain · {lists['fold-in']:,} fold-in "
+            "&nbsp; <b>fold-in freshness</b> (last minute): ")
+    if not speed["fold_ins"]:
+        return text + "no fold-in"
+    return text + (f"p50 {speed['p50_ms']:,} ms · p95 {speed['p95_ms']:,} ms "
+                   f"({speed['fold_ins']:,} lists)")
 
 
 def progress_html(n: int, threshold: int, has_model: bool) -> str:
@@ -62,9 +74,11 @@ class StreamPanel:
         self.progress = Div(text=progress_html(0, 1, False), name="progress",
                             sizing_mode="stretch_width")
         self.totals = Div(text="", name="stream-totals", sizing_mode="stretch_width")
+        self.speed = Div(text="", name="speed", sizing_mode="stretch_width")
         self.rate_fig, self.dlq_fig = rate, dlq
         self.layout = column(
-            row(self.progress, self.totals, sizing_mode="stretch_width"),
+            row(self.progress, column(self.totals, self.speed, sizing_mode="stretch_width"),
+                sizing_mode="stretch_width"),
             row(rate, dlq, sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
@@ -83,6 +97,9 @@ class StreamPanel:
             f"<b>now:</b> {sum(last) / max(len(last), 1):,.0f}/s &nbsp; "
             f"<b>dead letters:</b> {status['dlq_total']:,}"
         )
+        speed = speed_html(state.speed(int(time.time() * 1000)))
+        if speed != self.speed.text:
+            self.speed.text = speed
         reasons = state.dead_letters()[:REASONS_SHOWN]
         if reasons and reasons != self._dlq_last:
             self._dlq_last = reasons

@@ -1,9 +1,10 @@
 """`recsys demo` (what `make demo` runs): the whole product on the embedded default.
 
-Local broker, topics, every role this build has (Spark streaming job, Faust aggregator, Bokeh
-dashboard), then the bundled Online Retail file replayed into `sales`. With the streaming job the
-demo waits for the models the replay triggers and prints their metrics next to the popularity
-baseline and a few users' recommendations. With a dashboard it stays up until Ctrl-C; every process
+Local broker, topics, every role this build has (Spark streaming job, speed layer, Faust
+aggregator, Bokeh dashboard), then the bundled Online Retail file replayed into `sales`. With the
+streaming job the demo waits for the models the replay triggers and prints their metrics next to
+the popularity baseline, a few users' recommendations and a user whose list the speed layer
+changed after a purchase. With a dashboard it stays up until Ctrl-C; every process
 it started is stopped cleanly on the way out.
 
 The demo keeps its state in `<data_dir>/demo` and clears it at start, so every run tells the same
@@ -25,7 +26,7 @@ from typing import Any
 from recsys import supervisor
 from recsys.settings import Settings, load
 from schemas import codec
-from schemas.topics import MODEL_READY, RECOMMENDATIONS
+from schemas.topics import FOLD_IN, MODEL_READY, RECOMMENDATIONS, SALES
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ def _env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _read_all(settings: Settings, topic: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every record currently on `topic`, decoded (a throwaway group, nothing committed)."""
+def _read_all(settings: Settings, topic: str, timeout: float = 5.0, last: int | None = None
+              ) -> list[dict[str, Any]]:
+    """Every record currently on `topic` (or the `last` of each partition), decoded (a throwaway
+    group, nothing committed)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from recsys.kafka import consumer_config
@@ -73,6 +76,8 @@ def _read_all(settings: Settings, topic: str, timeout: float = 5.0) -> list[dict
         meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
         parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
         ends = {p.partition: consumer.get_watermark_offsets(p, timeout=timeout)[1] for p in parts}
+        if last is not None:
+            parts = [TopicPartition(topic, p, max(0, end - last)) for p, end in ends.items()]
         consumer.assign(parts)
         out: list[dict[str, Any]] = []
         done = {p for p, end in ends.items() if end == 0}
@@ -115,6 +120,40 @@ def _print_models(settings: Settings) -> None:
     for r in sorted(recs, key=lambda r: r["user_id"])[:3]:
         items = ", ".join(i["product_id"] for i in r["items"][:5])
         print(f"  user {r['user_id']}: {items} ...")
+
+
+def fold_in_example(recs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A user whose list changed after a purchase: (the list in force before, the fold-in after
+    it) with the most recent such fold-in, from `recommendations` in offset order."""
+    before: dict[str, dict[str, Any]] = {}
+    found = None
+    for r in recs:
+        prior = before.get(r["user_id"])
+        if (r.get("source") == FOLD_IN and prior is not None
+                and [i["product_id"] for i in prior["items"]]
+                != [i["product_id"] for i in r["items"]]):
+            found = (prior, r)
+        before[r["user_id"]] = r
+    return found
+
+
+def _print_fold_in(settings: Settings) -> None:
+    recs = _read_all(settings, RECOMMENDATIONS)
+    folds = [r for r in recs if r.get("source") == FOLD_IN]
+    example = fold_in_example(recs)
+    if example is None:
+        print(f"\nthe speed layer published {len(folds):,} fold-in lists")
+        return
+    prior, after = example
+    sale = next((s for s in reversed(_read_all(settings, SALES, last=50_000))
+                 if s["event_id"] == after["sale_event_id"]), None)
+    bought = f"{sale['quantity']} x {sale['product_id']}" if sale else after["sale_event_id"]
+    print(f"\nthe speed layer published {len(folds):,} fold-in lists between retrains; e.g. user "
+          f"{after['user_id']} bought {bought}:")
+    for label, r in (("before", prior), ("after", after)):
+        items = ", ".join(i["product_id"] for i in r["items"][:5])
+        print(f"  {label:>6} (model {r['model_version']}, {r.get('source', 'retrain')}): "
+              f"{items} ...")
 
 
 def _wait_for_models(settings: Settings, expected: int, timeout: float) -> None:
@@ -180,6 +219,8 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
             expected = 406_829 // demo.train_threshold if not args.limit else 1
             _wait_for_models(demo, max(expected, 1), timeout=900)
             _print_models(demo)
+            if "speed" in roles:
+                _print_fold_in(demo)
         if "dashboard" in roles:
             print(f"\nrecsys demo: dashboard at {url} — Ctrl-C stops everything")
             while True:

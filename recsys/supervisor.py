@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # The roles, in start order; each is a `recsys` subcommand (docker-compose runs the same ones).
 ROLES: dict[str, list[str]] = {
     "stream": ["stream"],
+    "speed": ["speed"],
     "aggregate": ["aggregate"],
     "dashboard": ["dashboard"],
 }

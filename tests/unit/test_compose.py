@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-RECSYS_SERVICES = ("topics", "stream", "aggregate", "dashboard", "producer")
+RECSYS_SERVICES = ("topics", "stream", "speed", "aggregate", "dashboard", "producer")
 KAFKA = ("kafka-1", "kafka-2", "kafka-3")
 
 

@@ -190,3 +190,18 @@ def test_an_old_recommendation_reads_as_a_retrain():
                                                "generated_at": 0, "items": []})
     _, rec = codec.decode(buf.getvalue())
     assert rec["source"] == "retrain" and rec["sale_event_id"] is None
+
+
+def test_the_demo_shows_a_user_whose_list_changed_after_a_purchase():
+    from recsys.demo import fold_in_example
+
+    def rec(user, version, items, source="retrain", event=None):
+        return {"user_id": user, "model_version": version, "source": source,
+                "sale_event_id": event, "items": [{"product_id": p} for p in items]}
+
+    recs = [rec("a", 1, ["x", "y"]), rec("b", 1, ["x"]),
+            rec("b", 1, ["x"], "fold-in", "e1"),  # unchanged: not an example
+            rec("a", 1, ["z", "x"], "fold-in", "e2")]
+    prior, after = fold_in_example(recs)
+    assert prior["source"] == "retrain" and after["sale_event_id"] == "e2"
+    assert fold_in_example(recs[:3]) is None

@@ -115,7 +115,8 @@ def _print_models(settings: Settings) -> None:
         )
     print("(in brackets: the popularity baseline on the same split)")
     latest = models[-1]["model_version"]
-    recs = [r for r in _read_all(settings, RECOMMENDATIONS) if r["model_version"] == latest]
+    recs = [r for r in _read_all(settings, RECOMMENDATIONS)
+            if r["model_version"] == latest and r.get("source") != FOLD_IN]
     print(f"\n{len(recs):,} users have recommendations from model {latest}; a few of them:")
     for r in sorted(recs, key=lambda r: r["user_id"])[:3]:
         items = ", ".join(i["product_id"] for i in r["items"][:5])
@@ -124,15 +125,20 @@ def _print_models(settings: Settings) -> None:
 
 def fold_in_example(recs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """A user whose list changed after a purchase: (the list in force before, the fold-in after
-    it) with the most recent such fold-in, from `recommendations` in offset order."""
+    it), from `recommendations` in offset order; the one whose top 5 changed most (the latest of
+    those)."""
     before: dict[str, dict[str, Any]] = {}
-    found = None
+    found, most = None, 0
+
+    def top(r: dict[str, Any]) -> list[str]:
+        return [i["product_id"] for i in r["items"]]
+
     for r in recs:
         prior = before.get(r["user_id"])
-        if (r.get("source") == FOLD_IN and prior is not None
-                and [i["product_id"] for i in prior["items"]]
-                != [i["product_id"] for i in r["items"]]):
-            found = (prior, r)
+        if r.get("source") == FOLD_IN and prior is not None and top(prior) != top(r):
+            changed = len(set(top(r)[:5]) - set(top(prior)[:5]))
+            if changed >= most:
+                found, most = (prior, r), changed
         before[r["user_id"]] = r
     return found
 
@@ -150,8 +156,10 @@ def _print_fold_in(settings: Settings) -> None:
     bought = f"{sale['quantity']} x {sale['product_id']}" if sale else after["sale_event_id"]
     print(f"\nthe speed layer published {len(folds):,} fold-in lists between retrains; e.g. user "
           f"{after['user_id']} bought {bought}:")
+    was = {i["product_id"] for i in prior["items"][:5]}
     for label, r in (("before", prior), ("after", after)):
-        items = ", ".join(i["product_id"] for i in r["items"][:5])
+        items = ", ".join(i["product_id"] + ("" if r is prior or i["product_id"] in was else " (new)")
+                          for i in r["items"][:5])
         print(f"  {label:>6} (model {r['model_version']}, {r.get('source', 'retrain')}): "
               f"{items} ...")
 

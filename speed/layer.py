@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -84,6 +85,13 @@ def recommendation(model: foldin.Model, folded: foldin.Folded, state: UserState,
         "sale_event_id": state.event_id or None,
         "sale_timestamp": datetime.fromtimestamp(state.sale_timestamp / 1000, UTC),
     }
+
+
+def newer_than_model(states: Iterable[UserState], model: factors.Factors, sales_topic: str
+                     ) -> list[UserState]:
+    """The users whose last applied sale is past the offsets `model` was trained on: their lists
+    must come from a fold-in (the model's own list does not know that sale)."""
+    return [s for s in states if s.offset > model.trained_to(s.partition, sales_topic)]
 
 
 class SpeedLayer:
@@ -170,16 +178,12 @@ class SpeedLayer:
             log.error("model %d cannot be folded in with: %s", done.model_version, exc)
             return
         self.model = model
-        stale = [s for s in self.states.values() if self._after_model(s)]
+        stale = newer_than_model(self.states.values(), done, self.topics.sales)
         self._publish(stale)
         self._flush()
         log.info("switched to model %d (%d products, rank %d); %d users with newer sales "
                  "folded in again under it", model.version, len(model.product_ids), model.rank,
                  len(stale))
-
-    def _after_model(self, state: UserState) -> bool:
-        assert self.model is not None
-        return state.offset > self.model.factors.trained_to(state.partition, self.topics.sales)
 
     # -- state restore (consumer group callbacks) ---------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -280,7 +284,8 @@ class SpeedLayer:
                 touched[user] = state
                 if self.model is not None and sale["product_id"] not in self.model.index:
                     self.counts["unknown_product"] += 1
-        fresh = [s for s in touched.values() if self.model is not None and self._after_model(s)]
+        fresh = [] if self.model is None else newer_than_model(
+            touched.values(), self.model.factors, self.topics.sales)
         self._publish(fresh)  # (2)
         for state in touched.values():  # (3)
             self._produce(self.topics.state, state.user_id, self._encode_state(state.record()),

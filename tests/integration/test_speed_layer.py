@@ -5,6 +5,7 @@ history and counts nothing twice."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from recsys.paths import BUNDLED_DATA, ROOT
 from recsys.settings import Settings
 from schemas import codec, factors
 from schemas import topics as declared
-from spark.job import StreamJob
+from spark.job import StreamJob, train_and_publish
+from spark.store import Store
 from speed import foldin
 from speed.state import UserState
 
@@ -174,6 +176,18 @@ def test_speed_layer_folds_new_sales_in_and_survives_a_sigkill(settings, unique,
         speed = SpeedProcess(s, prefix, f"speed-{unique}", tmp_path / "speed.log").start()
         wait_for("the new user's list after the restart", lambda: len(
             _fold_ins(s, topics.recommendations).get(new_user, [])) >= 2, 90)
+
+        # A new model mid-stream: the store takes the new sales in, model 2 is trained on it and
+        # its factors published; the speed layer switches, and the next sale folds in under it.
+        job = StreamJob(spark, s, topics)
+        job.start(available_now=True)
+        assert job.run(threading.Event()) == 0
+        train_and_publish(spark, s, topics, Store(spark, s.store).read(), "manual")
+        wait_for("the switch to model 2", lambda: "switched to model 2" in speed.log(), 60)
+        later = [_sale(f"x{unique}:6", new_user, catalogue[11])]
+        _send(s, topics.sales, later)
+        wait_for("a fold-in under model 2", lambda: _fold_ins(s, topics.recommendations)[
+            new_user][-1]["model_version"] == 2, 60)
         assert speed.terminate() == 0, speed.log()
     finally:
         if speed.proc is not None and speed.proc.poll() is None:
@@ -182,7 +196,7 @@ def test_speed_layer_folds_new_sales_in_and_survives_a_sigkill(settings, unique,
     # Nothing lost, nothing twice: the changelog equals the sales netted once per event id.
     want: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     seen = set()
-    for sale in history + first + again:
+    for sale in history + first + again + later:
         if sale["event_id"] not in seen:
             seen.add(sale["event_id"])
             want[sale["user_id"]][sale["product_id"]] += sale["quantity"]
@@ -190,8 +204,13 @@ def test_speed_layer_folds_new_sales_in_and_survives_a_sigkill(settings, unique,
     assert set(states) == set(want)
     for user, q in want.items():
         assert states[user].quantities == {p: n for p, n in q.items() if n}, user
-    assert states[new_user].quantities == {catalogue[9]: 1, "NOT-IN-THE-MODEL": 1}
+    assert states[new_user].quantities == {catalogue[9]: 1, catalogue[11]: 1,
+                                           "NOT-IN-THE-MODEL": 1}
     newest = _fold_ins(s, topics.recommendations)[new_user][-1]
     items = [i["product_id"] for i in newest["items"]]
     assert catalogue[9] not in items and "NOT-IN-THE-MODEL" not in items
-    assert "unknown" in speed.log() or "not know" in speed.log()
+    # Model 1's chunks were retired once model 2 was out: compaction will drop them.
+    retired = [m for m in read_all(s, topics.model_factors) if m.value() is None]
+    assert retired and {m.key().decode().split(":")[0] for m in retired} == {"1"}
+    unknown = re.findall(r"(\d+) sales of products the model does not know", speed.log())
+    assert unknown and int(unknown[-1]) >= 1, speed.log()

@@ -205,3 +205,21 @@ def test_the_demo_shows_a_user_whose_list_changed_after_a_purchase():
     prior, after = fold_in_example(recs)
     assert prior["source"] == "retrain" and after["sale_event_id"] == "e2"
     assert fold_in_example(recs[:3]) is None
+
+
+def test_a_model_switch_folds_in_again_exactly_the_users_with_newer_sales():
+    from speed.layer import newer_than_model
+
+    offsets = [{"topic": "sales", "partition": 0, "from_offset": 0, "to_offset": 100},
+               {"topic": "sales", "partition": 1, "from_offset": 0, "to_offset": 50}]
+    v2 = factors.assemble(2, list(factors.chunks(2, ["p1"], np.ones((1, 2), np.float32), PARAMS,
+                                                 offsets)))
+    states = [UserState("in-model", partition=0, offset=100),
+              UserState("after-p0", partition=0, offset=101),
+              UserState("in-model-p1", partition=1, offset=7),
+              UserState("after-p1", partition=1, offset=51),
+              UserState("partition-unseen", partition=2, offset=0)]
+    assert [s.user_id for s in newer_than_model(states, v2, "sales")] == [
+        "after-p0", "after-p1", "partition-unseen"]
+    assert [s.user_id for s in newer_than_model(states, v2, "other.sales")] == [
+        s.user_id for s in states]  # offsets of another topic say nothing: all fold in again

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "recsys-speed"
 PROGRESS_SECONDS = 10.0
+RESTORE_TIMEOUT = 600.0  # reading a changelog partition to its end
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,11 @@ class SpeedLayer:
             ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=15)[1] for tp in tps}
             reader.assign(tps)
             left = {p for p, end in ends.items() if end > 0}
+            deadline = time.monotonic() + RESTORE_TIMEOUT
             while left:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.topics.state} partitions {sorted(left)} not read "
+                                       f"to their end in {RESTORE_TIMEOUT:.0f} s")
                 for m in reader.consume(num_messages=5000, timeout=1.0):
                     if m.error() is not None:
                         continue
@@ -380,6 +385,10 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, on_signal)
     layer = SpeedLayer(settings, t, args.group or GROUP)
-    layer.start()
+    try:
+        layer.start()
+    except RuntimeError as exc:  # topics that do not fit together
+        print(f"recsys speed: {exc}", file=sys.stderr)
+        return 2
     layer.run(stop)
     return 0

@@ -25,21 +25,29 @@ defaults); the flags above override them. Typical local session:
 
 
 def _mapping_flags(p: argparse.ArgumentParser) -> None:
-    """CSV column mapping, shared by `produce` and `train --file`."""
-    g = p.add_argument_group("CSV mapping (defaults fit the bundled UCI Online Retail file)")
-    g.add_argument("--user-col", default="CustomerID", help="user id column (default %(default)s)")
-    g.add_argument("--product-col", default="StockCode", help="product id column (default %(default)s)")
-    g.add_argument("--quantity-col", default="Quantity", help="quantity column (default %(default)s)")
-    g.add_argument("--time-col", default="InvoiceDate", help="event time column (default %(default)s)")
-    g.add_argument("--price-col", default="UnitPrice", help="unit price column, '' for none (default %(default)s)")
-    g.add_argument("--invoice-col", default="InvoiceNo", help="invoice column, '' for none (default %(default)s)")
-    g.add_argument("--description-col", default="Description", help="product description column, '' for none")
-    g.add_argument("--country-col", default="Country", help="country column, '' for none")
-    g.add_argument("--time-format", default="%Y-%m-%d %H:%M:%S",
-                   help="strptime format of the time column, or 'iso' or 'epoch-ms' (default %(default)s)")
-    g.add_argument("--timezone", default="Europe/London",
-                   help="zone of naive timestamps (default %(default)s)")
-    g.add_argument("--delimiter", default=",", help="CSV delimiter (default %(default)r)")
+    """CSV column mapping, shared by `produce`, `train --file` and `inspect`; fitted to the file's
+    header by streams.csv_mapping.resolve (an unset flag is None there)."""
+    g = p.add_argument_group(
+        "CSV mapping (unset: the bundled UCI Online Retail file's names; an optional column the "
+        "file lacks is left out)")
+    g.add_argument("--mapping", choices=["flags", "auto"], default="flags",
+                   help="auto: guess unset columns, the time format and the delimiter from the "
+                   "file (see `recsys inspect`); flags: unset ones are the bundled file's "
+                   "(default %(default)s)")
+    g.add_argument("--user-col", help="user id column (default CustomerID)")
+    g.add_argument("--product-col", help="product id column (default StockCode)")
+    g.add_argument("--quantity-col", help="quantity or rating column (default Quantity)")
+    g.add_argument("--time-col", help="event time column (default InvoiceDate)")
+    g.add_argument("--price-col", help="unit price column, '' for none (default UnitPrice)")
+    g.add_argument("--invoice-col", help="invoice column, '' for none (default InvoiceNo)")
+    g.add_argument("--description-col", help="product description column, '' for none "
+                   "(default Description)")
+    g.add_argument("--country-col", help="country column, '' for none (default Country)")
+    g.add_argument("--time-format",
+                   help="strptime format of the time column, or iso, epoch-s or epoch-ms "
+                   "(default '%%Y-%%m-%%d %%H:%%M:%%S')")
+    g.add_argument("--timezone", help="zone of naive timestamps (default Europe/London)")
+    g.add_argument("--delimiter", help="CSV delimiter, \\t for a tab (default ',')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--file", help="purchases CSV, plain or .gz, instead of the store")
     _mapping_flags(tr)
     tr.add_argument("--topic-prefix", help=argparse.SUPPRESS)
-    tr.set_defaults(handler="spark.job:train_cli")
+    tr.set_defaults(handler="spark.csv_input:train_cli")
+
+    tu = sub.add_parser(
+        "tune",
+        help="Spark: choose ALS rank, reg and alpha by a grid search on the train side",
+        description="Splits the store's (or --file's) events as training does, then splits the "
+        "train side again (the latest RECSYS_TEST_FRACTION of it validates; a random split "
+        "reseeds) and fits ALS once per point of RECSYS_TUNE_RANKS x RECSYS_TUNE_REG_PARAMS x "
+        "RECSYS_TUNE_ALPHAS, scoring RMSE (explicit mode) or precision@k (implicit). Prints "
+        "every score and the settings of the best; the test side is never used. "
+        "RECSYS_TUNE_BEFORE_TRAIN=true does this before each `recsys train`.",
+    )
+    tu.add_argument("--file", help="purchases or ratings CSV, plain or .gz, instead of the store")
+    _mapping_flags(tu)
+    tu.set_defaults(handler="spark.tune:tune_cli")
+
+    ins = sub.add_parser(
+        "inspect",
+        help="show a CSV's columns, first rows and the mapping produce/train would use",
+        description="Reads the header and the first rows only: the columns, a few rows, the "
+        "mapping the same flags would give `recsys produce` and `recsys train --file` (with "
+        "--mapping auto: guessed), the time format read and the flags that pin it.",
+    )
+    ins.add_argument("--file", required=True, help="CSV, plain or .gz")
+    ins.add_argument("--rows", type=int, default=5, help="rows to show (default %(default)s)")
+    _mapping_flags(ins)
+    ins.set_defaults(handler="streams.csv_mapping:inspect_cli")
 
     sp = sub.add_parser(
         "speed",

@@ -136,6 +136,24 @@ class Settings(BaseSettings):
     confidence: Literal["log1p", "raw", "binary"] = Field(
         "log1p", description="Interaction strength from net quantity."
     )
+    tune_before_train: bool = Field(
+        False,
+        description="`recsys train` and `recsys stream`: choose rank, reg and alpha with `recsys "
+        "tune`'s grid search (on the train side only) before every model; model-ready's params "
+        "carry the chosen ones.",
+    )
+    tune_ranks: Annotated[list[int], NoDecode] = Field(
+        [8, 16, 32], min_length=1, description="Ranks `recsys tune` tries (comma-separated)."
+    )
+    tune_reg_params: Annotated[list[float], NoDecode] = Field(
+        [0.01, 0.1, 1.0], min_length=1,
+        description="Regularizations `recsys tune` tries (comma-separated).",
+    )
+    tune_alphas: Annotated[list[float], NoDecode] = Field(
+        [1.0, 10.0, 40.0], min_length=1,
+        description="Implicit confidence scales `recsys tune` tries (comma-separated; explicit "
+        "mode has no alpha).",
+    )
     seed: int = Field(42, description="Seed for ALS, random split and generators.")
     top_n: int = Field(10, ge=1, le=1000, description="Recommendations per user.")
     eval_k: int = Field(10, ge=1, le=1000, description="k of precision/recall/NDCG/MAP@k.")
@@ -221,6 +239,27 @@ class Settings(BaseSettings):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
 
+    @field_validator("tune_ranks", "tune_reg_params", "tune_alphas", mode="before")
+    @classmethod
+    def _grid(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("tune_ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= r <= 1000 for r in v):
+            raise ValueError("allowed: ranks from 1 to 1000, comma-separated")
+        return v
+
+    @field_validator("tune_reg_params", "tune_alphas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not x >= 0 for x in v):
+            raise ValueError("allowed: numbers >= 0, comma-separated")
+        return v
+
     @field_validator("spark_master")
     @classmethod
     def _master(cls, v: str) -> str:
@@ -272,5 +311,7 @@ def markdown_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         shown = "" if default is None else str(default)
+        if isinstance(default, list) and default:  # as the variable is written
+            shown = ",".join(str(x) for x in default)
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description} |")
     return "\n".join(rows)

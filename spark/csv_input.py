@@ -8,18 +8,23 @@ times are read in the mapping's zone and stored as UTC.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from recsys.settings import Settings
+
 # One mapping for both readers (the flags of `produce` and `train --file`), defined beside the
 # producer's row reader.
 from streams.csv_source import CsvMapping
 
-__all__ = ["CsvMapping", "CsvRead", "read_purchases", "read_purchases_csv"]
+__all__ = ["CsvMapping", "CsvRead", "read_purchases", "read_purchases_csv", "resolve_file",
+           "train_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ _STRPTIME_TO_JAVA = {
     "%S": "ss", "%f": "SSSSSS", "%p": "a", "%b": "MMM", "%B": "MMMM", "%j": "DDD",
     "%z": "xx", "%Z": "z", "%%": "%",
 }
+_FLEXIBLE = {"%m", "%d", "%H", "%I", "%M", "%S"}  # strptime reads one or two digits
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,12 @@ class CsvRead:
 
 
 def java_pattern(strptime_format: str) -> str:
-    """strptime format -> java.time pattern; literal text is quoted so letters stay literal."""
+    """strptime format -> java.time pattern; literal text is quoted so letters stay literal.
+
+    strptime reads "1/7/2011 9:15" with "%d/%m/%Y %H:%M"; Spark's "dd" and "HH" want two digits,
+    "d" and "H" take one or two. So a two-digit field followed by literal text (or the end) gets
+    the one-letter form; one followed by another directive keeps its fixed width ("%Y%m%d").
+    """
     out, literal, i = [], "", 0
     while i < len(strptime_format):
         pair = strptime_format[i : i + 2]
@@ -49,7 +60,11 @@ def java_pattern(strptime_format: str) -> str:
             if literal:
                 out.append(_quote(literal))
                 literal = ""
-            out.append(_STRPTIME_TO_JAVA[pair])
+            java = _STRPTIME_TO_JAVA[pair]
+            following = strptime_format[i + 2 : i + 4]
+            if pair in _FLEXIBLE and not (following.startswith("%") and following != "%%"):
+                java = java[0]
+            out.append(java)
             i += 2
         elif pair.startswith("%"):
             raise ValueError(f"time format directive {pair!r} is not supported")
@@ -69,8 +84,9 @@ def _quote(text: str) -> str:
 
 def _event_time(raw: Column, mapping: CsvMapping) -> Column:
     """UTC timestamp; naive times are wall clock in `mapping.timezone`."""
-    if mapping.time_format == "epoch-ms":
-        return F.timestamp_millis(raw.try_cast("double").cast("long"))
+    if mapping.time_format in ("epoch-ms", "epoch-s"):
+        scale = 1 if mapping.time_format == "epoch-ms" else 1000
+        return F.timestamp_millis((raw.try_cast("double") * scale).cast("long"))
     if mapping.time_format == "iso":
         parsed = F.try_to_timestamp(raw)
         has_zone = raw.rlike(r"(Z|[+-]\d\d(:?\d\d)?)$") & raw.rlike(r"\d[T ]\d")
@@ -130,8 +146,10 @@ def read_purchases(spark: SparkSession, path: str | Path, mapping: CsvMapping) -
         .csv(str(path))  # every column stays a string: parsing is ours, as in the producer
     )
     missing = [
-        c for c in (mapping.user_col, mapping.product_col, mapping.quantity_col, mapping.time_col)
-        if c not in raw.columns
+        c for c in (mapping.user_col, mapping.product_col, mapping.quantity_col, mapping.time_col,
+                    mapping.price_col, mapping.invoice_col, mapping.description_col,
+                    mapping.country_col)
+        if c and c not in raw.columns
     ]
     if missing:
         raise ValueError(f"{path}: no column {missing[0]!r} (columns: {', '.join(raw.columns)})")
@@ -189,3 +207,31 @@ def read_purchases(spark: SparkSession, path: str | Path, mapping: CsvMapping) -
         path, rows, dropped,
     )
     return CsvRead(sales=sales, rows=rows, dropped=dropped)
+
+
+def resolve_file(command: str, args: argparse.Namespace) -> int:
+    """For a local --file: fit the mapping to the file now (`resolve_args` leaves it on `args`,
+    so `CsvMapping.from_args(args)` reads with it). 0, or 2 after the one line of the mistake."""
+    from streams.csv_mapping import MappingError, resolve_args
+
+    if not args.file or "://" in args.file:
+        return 0
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"recsys {command}: no such file {args.file}", file=sys.stderr)
+        return 2
+    try:
+        resolve_args(path, args)
+    except MappingError as exc:
+        print(f"recsys {command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_cli(settings: Settings, args: argparse.Namespace) -> int:
+    """`recsys train`: a --file's mapping is resolved before Spark starts (every mistake one line,
+    exit 2); then spark.job.train_cli trains (tuning first with RECSYS_TUNE_BEFORE_TRAIN) and
+    publishes."""
+    from spark import job
+
+    return resolve_file("train", args) or job.train_cli(settings, args)

@@ -130,6 +130,10 @@ def train_and_publish(
     previous = models.recorded()
     version = models.next_version()
     log.info("training model %d (trigger %s)", version, trigger)
+    if settings.tune_before_train:  # rank, reg and alpha chosen on this cycle's train side
+        from spark import tune
+
+        settings = tune.tuned_settings(spark, sales, settings)
     result = pipeline.run_training(spark, sales, settings, version)
     try:
         n = publish.publish_recommendations(

@@ -23,6 +23,8 @@ def als_params(settings: Settings) -> dict[str, str]:
         "alpha": str(settings.als_alpha),
         "confidence": settings.confidence,
         "seed": str(settings.seed),
+        # rank, reg and alpha above were chosen by spark.tune on this cycle's train side
+        "tuned": str(settings.tune_before_train).lower(),
     }
 
 

@@ -49,7 +49,9 @@ class CsvMapping:
     """Which CSV column holds which `Sale` field; '' for an optional field means none.
 
     Field names match the `--*-col` flags and spark.csv_input.CsvMapping, so `produce` and
-    `train --file` read a file the same way.
+    `train --file` read a file the same way. The defaults are the bundled file's names; a
+    user's file gets its mapping from `streams.csv_mapping.resolve`, which fits the flags to
+    the file's header (an optional column the file lacks and nobody named is simply absent).
     """
 
     user_col: str = "CustomerID"
@@ -60,7 +62,7 @@ class CsvMapping:
     invoice_col: str = "InvoiceNo"
     description_col: str = "Description"
     country_col: str = "Country"
-    time_format: str = "%Y-%m-%d %H:%M:%S"  # strptime format, "iso" or "epoch-ms"
+    time_format: str = "%Y-%m-%d %H:%M:%S"  # strptime format, "iso", "epoch-s" or "epoch-ms"
     timezone: str = "Europe/London"  # zone of naive timestamps
     delimiter: str = ","
 
@@ -94,16 +96,17 @@ def time_parser(time_format: str, timezone: str) -> Callable[[str], int]:
             dt = dt.replace(tzinfo=zone)
         return (dt - EPOCH) // MS
 
-    if time_format == "epoch-ms":
+    if time_format in ("epoch-ms", "epoch-s"):
+        scale = 1 if time_format == "epoch-ms" else 1000
 
         def parse(raw: str) -> int:
             try:
-                return int(raw)
+                return int(raw) * scale
             except ValueError:
                 value = float(raw)  # "1.29e12" or "1291191960000.0"
                 if not math.isfinite(value):
                     raise
-                return int(value)
+                return int(value * scale)  # truncated, as Spark's cast to long
 
         return parse
     if time_format == "iso":

@@ -32,7 +32,7 @@ from recsys.paths import BUNDLED_DATA
 from recsys.settings import Settings
 from schemas import codec
 from schemas.topics import SALES, SALES_DLQ
-from streams.csv_source import EPOCH, MS, CsvMapping, CsvSource, Item, Record
+from streams.csv_source import EPOCH, MS, CsvSource, Item, Record
 
 log = logging.getLogger(__name__)
 _RDKAFKA_LOG = logging.getLogger("streams.producer.rdkafka")  # librdkafka's lines, our format
@@ -532,10 +532,11 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"recsys produce: no such file {path}", file=sys.stderr)
             return 2
-        try:
-            mapping = CsvMapping.from_args(args)
+        from streams.csv_mapping import resolve_args
+
+        try:  # every mapping mistake is one line here, before the broker is asked anything
+            mapping = resolve_args(path, args).mapping
             items = CsvSource(path, mapping, skip=args.skip, limit=args.limit)
-            items.check()
         except ValueError as exc:
             print(f"recsys produce: {exc}", file=sys.stderr)
             return 2

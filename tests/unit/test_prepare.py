@@ -213,8 +213,10 @@ def test_csv_reader_maps_like_the_producer(spark, tmp_path: Path) -> None:
 
 
 def test_strptime_formats_become_java_patterns() -> None:
-    assert java_pattern("%Y-%m-%d %H:%M:%S") == "yyyy-MM-dd HH:mm:ss"
-    assert java_pattern("%d/%m/%Y %H:%M") == "dd/MM/yyyy HH:mm"
-    assert java_pattern("%Y-%m-%dT%H:%M") == "yyyy-MM-dd'T'HH:mm"
+    # one letter (one or two digits, as strptime reads them) unless a directive follows
+    assert java_pattern("%Y-%m-%d %H:%M:%S") == "yyyy-M-d H:m:s"
+    assert java_pattern("%d/%m/%Y %H:%M") == "d/M/yyyy H:m"
+    assert java_pattern("%Y-%m-%dT%H:%M") == "yyyy-M-d'T'H:m"
+    assert java_pattern("%Y%m%d%H%M") == "yyyyMMddHHm"
     with pytest.raises(ValueError):
         java_pattern("%Q")

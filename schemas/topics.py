@@ -14,6 +14,7 @@ MODEL_READY = "model-ready"
 RECOMMENDATIONS = "recommendations"
 GRAPH_EDGES = "graph-edges"
 FEEDBACK = "feedback"
+RECOMMENDATIONS_SHADOW = "recommendations-shadow"
 MODEL_FACTORS = "model-factors"
 SPEED_STATE = "speed-state"
 
@@ -46,6 +47,14 @@ TOPICS: tuple[Topic, ...] = (
         2,
         {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
     ),
+    # A rejected challenger's lists: judged online beside the champion's, never served.
+    Topic(
+        RECOMMENDATIONS_SHADOW,
+        "Recommendation",
+        "user_id",
+        2,
+        {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+    ),
     Topic(GRAPH_EDGES, "GraphEdge", "model_version:user_id:product_id", 2,
           {"cleanup.policy": "delete"}),
     Topic(FEEDBACK, "Feedback", "model_version", 1, {"cleanup.policy": "delete"}),
@@ -65,6 +74,10 @@ def topic(name: str) -> Topic:
     except KeyError:
         raise ValueError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None
 
+
+# `ModelReady.status`: did the gate put the model in service?
+PROMOTED = "promoted"
+REJECTED = "rejected"
 
 # `Recommendation.source`: where a list came from.
 RETRAIN = "retrain"  # a model's own list, published by Spark after each retrain

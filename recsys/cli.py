@@ -175,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--topic-prefix", help=argparse.SUPPRESS)  # tests: `<prefix>sales`, ...
     sp.set_defaults(handler="speed.layer:cli")
 
+    md = sub.add_parser(
+        "models",
+        help="the registry of trained models; put one in service by hand, or roll back",
+        description="list: every model on model-ready (version, trained at, events, trigger, "
+        "status, precision@k next to popularity and the champion it faced, saved or not; * "
+        "marks the one in service). show V: one model's record. promote V: serve saved model V "
+        "again (its lists republished from the saved model, its factors for the speed layer, a "
+        "model-ready with status promoted and trigger manual). rollback: promote the model that "
+        "served before the one in service.",
+    )
+    md.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    md.add_argument("version", nargs="?", type=int, help="model version (show, promote)")
+    md.add_argument("--topic-prefix", help=argparse.SUPPRESS)
+    md.set_defaults(handler="spark.lifecycle:cli")
+
     c = sub.add_parser("consume", help="print a topic's records as JSON lines, decoded")
     c.add_argument("topic", help="sales, sales.dlq, model-ready, recommendations, graph-edges, ...")
     c.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")

@@ -26,7 +26,7 @@ from typing import Any
 from recsys import supervisor
 from recsys.settings import Settings, load
 from schemas import codec
-from schemas.topics import FOLD_IN, MODEL_READY, RECOMMENDATIONS, SALES
+from schemas.topics import FOLD_IN, MODEL_READY, PROMOTED, RECOMMENDATIONS, SALES
 
 log = logging.getLogger(__name__)
 
@@ -63,61 +63,61 @@ def _env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _read_all(settings: Settings, topic: str, timeout: float = 5.0, last: int | None = None
-              ) -> list[dict[str, Any]]:
-    """Every record currently on `topic` (or the `last` of each partition), decoded (a throwaway
-    group, nothing committed)."""
-    from confluent_kafka import Consumer, TopicPartition
+def _read_all(settings: Settings, topic: str, last: int | None = None) -> list[dict[str, Any]]:
+    """Every record currently on `topic` (or the `last` of each partition), decoded."""
+    from recsys.kafka import read_to_end
 
-    from recsys.kafka import consumer_config
+    out = []
+    for m in read_to_end(settings, topic, last):
+        try:
+            out.append(codec.decode(m.value())[1])
+        except codec.DecodeError:
+            pass
+    return out
 
-    consumer = Consumer(consumer_config(settings, group=f"demo-{os.getpid()}-{time.time_ns()}"))
-    try:
-        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=timeout)[1] for p in parts}
-        if last is not None:
-            parts = [TopicPartition(topic, p, max(0, end - last)) for p, end in ends.items()]
-        consumer.assign(parts)
-        out: list[dict[str, Any]] = []
-        done = {p for p, end in ends.items() if end == 0}
-        deadline = time.monotonic() + 60
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            try:
-                out.append(codec.decode(msg.value())[1])
-            except codec.DecodeError:
-                pass
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
-        return out
-    finally:
-        consumer.close()
+
+def model_statuses(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
+    """(one row per version, the version in service) from model-ready records in offset order.
+
+    A manual promotion or rollback sends another record for an existing version: the last one
+    read is its status (and trigger), and the last record overall names the version in service
+    (`serving`; 0 on a record written before the gate, which then names its own version)."""
+    rows: dict[int, dict[str, Any]] = {}
+    serving: int | None = None
+    for m in records:
+        v = int(m["model_version"])
+        status = m.get("status") or PROMOTED
+        serving = int(m.get("serving") or 0) or (v if status == PROMOTED else serving)
+        rows[v] = {**rows.get(v, m), "status": status, "trigger": m["trigger"]}
+    return [rows[v] for v in sorted(rows)], serving
 
 
 def _print_models(settings: Settings) -> None:
-    models = sorted(_read_all(settings, MODEL_READY), key=lambda m: m["model_version"])
+    models, serving = model_statuses(_read_all(settings, MODEL_READY))
     if not models:
         print("no model was trained")
         return
     k = settings.eval_k
-    print(f"\n{'version':>7} {'events':>8} {'users':>6} {'trigger':>9}  "
+    print(f"\n{'version':>7} {'events':>8} {'users':>6} {'trigger':>9} {'status':>10}  "
           f"{'p@' + str(k):>14} {'ndcg@' + str(k):>14} {'rmse':>7} {'fit s':>6}")
     for m in models:
         met, base = m["metrics"], m["baseline_metrics"]
+        status = m["status"] + ("*" if m["model_version"] == serving else "")
         print(
-            f"{m['model_version']:>7} {m['events']:>8,} {m['users']:>6,} {m['trigger']:>9}  "
+            f"{m['model_version']:>7} {m['events']:>8,} {m['users']:>6,} {m['trigger']:>9} "
+            f"{status:>10}  "
             f"{met.get('precision_at_k', 0):.3f} ({base.get('precision_at_k', 0):.3f}) "
             f"{met.get('ndcg_at_k', 0):.3f} ({base.get('ndcg_at_k', 0):.3f}) "
             f"{met.get('rmse', float('nan')):7.3f} {m['train_seconds']:6.1f}"
         )
-    print("(in brackets: the popularity baseline on the same split)")
-    latest = models[-1]["model_version"]
-    recs = [r for r in _read_all(settings, RECOMMENDATIONS)
-            if r["model_version"] == latest and r.get("source") != FOLD_IN]
-    print(f"\n{len(recs):,} users have recommendations from model {latest}; a few of them:")
+    print("(in brackets: the popularity baseline on the same split; * the model in service"
+          + (")" if serving is not None else "; none serves)"))
+    if serving is None:
+        return
+    by_user = {r["user_id"]: r for r in _read_all(settings, RECOMMENDATIONS)
+               if r["model_version"] == serving and r.get("source") != FOLD_IN}
+    recs = list(by_user.values())
+    print(f"\n{len(recs):,} users have recommendations from model {serving}; a few of them:")
     for r in sorted(recs, key=lambda r: r["user_id"])[:3]:
         items = ", ".join(i["product_id"] for i in r["items"][:5])
         print(f"  user {r['user_id']}: {items} ...")

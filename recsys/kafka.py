@@ -46,3 +46,40 @@ def consumer_config(settings: Settings, group: str, **overrides: Any) -> dict[st
 
 def admin_config(settings: Settings) -> dict[str, Any]:
     return {"bootstrap.servers": settings.kafka_bootstrap}
+
+
+def read_to_end(settings: Settings, topic: str, last: int | None = None, timeout: float = 60.0
+                ) -> list[Any]:
+    """Every message on `topic` now, up to each partition's high watermark (or only the `last`
+    of each partition), in (partition, offset) order; a throwaway consumer, nothing committed.
+    TimeoutError when the partitions are not read to their end within `timeout` seconds."""
+    import os
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(consumer_config(settings, f"read-{os.getpid()}-{time.time_ns()}"))
+    try:
+        meta = consumer.list_topics(topic, timeout=15).topics[topic]
+        if meta.error is not None:
+            raise LookupError(f"topic {topic!r}: {meta.error}")
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+                for p in sorted(meta.partitions)}
+        start = {p: lo if last is None else max(lo, hi - last) for p, (lo, hi) in ends.items()}
+        consumer.assign([TopicPartition(topic, p, start[p]) for p in ends])
+        left = {p for p, (_, hi) in ends.items() if hi > start[p]}
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: partitions {sorted(left)} not read to their end "
+                                   f"in {timeout:.0f} s")
+            for m in consumer.consume(num_messages=5000, timeout=0.5):
+                if m.error() is not None:
+                    continue
+                out.append(m)
+                if m.offset() + 1 >= ends[m.partition()][1]:
+                    left.discard(m.partition())
+        return sorted(out, key=lambda m: (m.partition(), m.offset()))
+    finally:
+        consumer.close()

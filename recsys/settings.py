@@ -10,6 +10,7 @@ Every field's description is its documentation: README's configuration table is 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,6 +161,24 @@ class Settings(BaseSettings):
     filter_bought: bool = Field(
         True, description="Leave products the user already bought out of recommendations."
     )
+    non_product_pattern: str = Field(
+        r"^(POST|DOT|M|m|D|C2|CRUK|BANK CHARGES|AMAZONFEE|S|B|PADS|ADJUST\d*|TEST\d+|gift_.*)$",
+        description="Regular expression of product codes that are not products (postage, manual "
+        "adjustments, discounts, carriage, bank and marketplace fees, samples, donations): kept in "
+        "the store as the shop recorded them, left out of training, lists, the graph and the "
+        "speed layer. The default fits the bundled data; empty: every code is a product.",
+    )
+    promote_gate: bool = Field(
+        True,
+        description="Put a new model in service only when its precision@k on its own test window "
+        "beats popularity's and reaches (1 - promote_tolerance) x the serving model's on the same "
+        "window; a rejected one's lists go to recommendations-shadow. Off: every model serves.",
+    )
+    promote_tolerance: float = Field(
+        0.05, ge=0, le=1,
+        description="How much worse than the serving model a new one may be and still replace it "
+        "(a share of the champion's precision@k).",
+    )
     models_path: str = Field(
         "", description="Saved models. Empty means `<data_dir>/models`."
     )
@@ -258,6 +277,15 @@ class Settings(BaseSettings):
     def _positive(cls, v: list[float]) -> list[float]:
         if any(not x >= 0 for x in v):
             raise ValueError("allowed: numbers >= 0, comma-separated")
+        return v
+
+    @field_validator("non_product_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"allowed: a regular expression ({exc})") from None
         return v
 
     @field_validator("spark_master")

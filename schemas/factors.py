@@ -96,27 +96,22 @@ def chunks(
 
 class Assembler:
     """Collects `ModelFactors` records; `add` returns a version's `Factors` the moment it is
-    complete. Versions older than the newest complete one are dropped (nothing will ask for
-    them); a tombstone drops the chunk it names."""
+    complete. The version completed last, in the topic's order, is the one in service: Spark
+    publishes factors only for a promoted model, and again for an older one that is promoted by
+    hand (a rollback). A tombstone drops the chunk it names."""
 
     def __init__(self) -> None:
         self.pending: dict[int, dict[int, dict[str, Any]]] = {}
-        self.newest = 0  # the newest complete version handed out
 
     def add(self, record: dict[str, Any]) -> Factors | None:
         version, chunk = int(record["model_version"]), int(record["chunk"])
-        if version <= self.newest:
-            return None
         parts = self.pending.setdefault(version, {})
         parts[chunk] = record
         total = int(record["chunks"])
         if len(parts) < total or any(c not in parts for c in range(total)):
             return None
-        factors = assemble(version, [parts[c] for c in range(total)])
-        self.newest = version
-        for v in [v for v in self.pending if v <= version]:
-            del self.pending[v]
-        return factors
+        del self.pending[version]
+        return assemble(version, [parts[c] for c in range(total)])
 
     def tombstone(self, record_key: bytes | str | None) -> None:
         text = record_key.decode() if isinstance(record_key, bytes) else (record_key or "")

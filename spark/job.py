@@ -36,10 +36,12 @@ from pyspark.sql.streaming import StreamingQuery
 
 from recsys import settings as settings_mod
 from recsys.settings import Settings
+from schemas.topics import PROMOTED, REJECTED
 from spark import ingest, publish
 from spark.feedback import FeedbackWatch, underperforms
 from spark.publish import Topics
-from spark.store import Store, StoreState, list_names, offset_ranges, read_text, write_text
+from spark.registry import Models
+from spark.store import Store, StoreState, offset_ranges
 
 log = logging.getLogger(__name__)
 
@@ -52,42 +54,6 @@ LOGGED_BAD = 10
 class StopRequested(RuntimeError):
     """Raised in a batch that started after the stop was requested: it is not committed and
     runs again on the next start, from the checkpoint."""
-
-
-# --- model versions ---------------------------------------------------------------------------------
-class Models:
-    """The monotonic model version, shared by `recsys stream` and `recsys train`.
-
-    `<models>/LATEST` holds the last PUBLISHED version; without it (a first run, or the file
-    lost), the highest numbered model folder counts. A cycle re-run after a crash before LATEST
-    was written reuses its version: the pipeline overwrites the folder and the published ids are
-    the same.
-    """
-
-    def __init__(self, spark: SparkSession, root: str) -> None:
-        self.spark = spark
-        self.root = root.rstrip("/")
-        self.latest_path = f"{self.root}/LATEST"
-
-    def latest(self) -> int:
-        recorded = self.recorded()
-        if recorded is not None:
-            return int(recorded["model_version"])
-        numbered = [int(n) for n in list_names(self.spark, self.root) if n.isdigit()]
-        return max(numbered, default=0)
-
-    def recorded(self) -> dict[str, Any] | None:
-        """What `record` wrote last (None without LATEST)."""
-        text = read_text(self.spark, self.latest_path)
-        return None if text is None else json.loads(text)
-
-    def next_version(self) -> int:
-        return self.latest() + 1
-
-    def record(self, model_ready: dict[str, Any], factor_chunks: int = 0) -> None:
-        shown = {k: model_ready[k] for k in ("model_version", "model_id", "trigger", "events")}
-        shown["factor_chunks"] = factor_chunks  # to retire them once the next model is out
-        write_text(self.spark, self.latest_path, json.dumps(shown))
 
 
 @dataclass
@@ -112,56 +78,94 @@ def train_and_publish(
     started: float | None = None,
     reason: str | None = None,
 ) -> Published:
-    """Train on `sales`, publish recommendations, save the model, publish the graph
-    (`publish_graph`), the factors (for the speed layer) then model-ready, then record the
-    version and retire the previous version's factors.
+    """Train on `sales` (the codes that are not products left out), score the new model and the
+    one in service on the same test window, and let the gate (spark/gate.py) decide.
+
+    Promoted: recommendations, the saved model, the graph (exported, on graph-edges), the factors
+    (for the speed layer), then model-ready (status promoted); the model serves and the factors
+    of the one it replaces are retired. Rejected: its lists go to recommendations-shadow (judged
+    online, never served), the model is saved (`recsys models promote` can still serve it), and
+    model-ready says rejected, the champion stays.
 
     `started` (perf_counter) is when the trigger fired: model-ready's cycle_seconds runs from
     there to just before model-ready is sent; `Published.recommendations_seconds` to the moment
-    every recommendation is on the topic. What only model-ready needs (the saved model, the
-    Kafka offset ranges of `sales`) is done after the recommendations are out. `reason` (why the
-    trigger fired, when there is more to say than its name) goes into model-ready's params as
-    `trigger_reason`.
+    every list is on its topic. `reason` (why the trigger fired, when there is more to say than
+    its name) goes into model-ready's params as `trigger_reason`.
     """
-    from spark import pipeline  # heavy imports (MLlib) only when a model is trained
+    from spark import gate, pipeline  # heavy imports (MLlib) only when a model is trained
+    from spark.prepare import products_only
 
     started = time.perf_counter() if started is None else started
     models = Models(spark, settings.models)
-    previous = models.recorded()
+    serving = models.serving()
     version = models.next_version()
     log.info("training model %d (trigger %s)", version, trigger)
+    sales = products_only(sales, settings.non_product_pattern)
     if settings.tune_before_train:  # rank, reg and alpha chosen on this cycle's train side
         from spark import tune
 
         settings = tune.tuned_settings(spark, sales, settings)
-    result = pipeline.run_training(spark, sales, settings, version)
+    champion_version, champion = _champion(spark, models, serving, version)
+    result = pipeline.run_training(spark, sales, settings, version, champion)
+    decision = gate.decide(result.metrics, result.baseline_metrics, result.champion_metrics,
+                           settings, champion_version)
+    log.info("model %d %s by the gate: %s", version,
+             "promoted" if decision.promote else "rejected", decision.reason)
+    edges, export, chunks = 0, None, 0
     try:
-        n = publish.publish_recommendations(
-            result.recommendations, version, settings, topics.recommendations
-        )
+        lists_topic = topics.recommendations if decision.promote else topics.shadow
+        n = publish.publish_recommendations(result.recommendations, version, settings,
+                                            lists_topic)
         to_recommendations = time.perf_counter() - started
         pipeline.save(spark, result)
         offsets = offset_ranges(sales)
-        edges, export = publish_graph(spark, settings, topics, result, sales)
-        chunks = publish.publish_factors(result, offsets, settings, topics.model_factors)
+        if decision.promote:
+            edges, export = publish_graph(spark, settings, topics, result, sales)
+            chunks = publish.publish_factors(result, offsets, settings, topics.model_factors)
         cycle = time.perf_counter() - started
         record = publish.model_ready_record(result, trigger, offsets, cycle)
+        record.update(
+            status=PROMOTED if decision.promote else REJECTED,
+            serving=version if decision.promote else champion_version,
+            status_reason=decision.reason, champion_version=champion_version,
+            champion_metrics=publish.finite(result.champion_metrics or {}),
+        )
         if reason:
             record["params"]["trigger_reason"] = reason
         publish.publish_model_ready(record, settings, topics.model_ready)
     finally:
         result.recommendations.unpersist()
     models.record(record, chunks)
-    if previous and previous.get("factor_chunks") and int(previous["model_version"]) != version:
-        publish.retire_factors(int(previous["model_version"]), int(previous["factor_chunks"]),
-                               settings, topics.model_factors)
+    if decision.promote:
+        models.serve(version, chunks)
+        old = serving or {}
+        if old.get("factor_chunks") and int(old["model_version"]) != version:
+            publish.retire_factors(int(old["model_version"]), int(old["factor_chunks"]),
+                                   settings, topics.model_factors)
     fit = result.train_seconds
     log.info(
-        "model %d published: %d users recommended after %.1f s (ALS.fit %.1f s, %.0f%%); "
-        "model-ready after %.1f s", version, n, to_recommendations, fit,
-        100.0 * fit / to_recommendations if to_recommendations else 0.0, cycle,
+        "model %d published (%s): %d users' lists on %s after %.1f s (ALS.fit %.1f s, %.0f%%); "
+        "model-ready after %.1f s", version, record["status"], n, lists_topic,
+        to_recommendations, fit, 100.0 * fit / to_recommendations if to_recommendations else 0.0,
+        cycle,
     )
     return Published(result, record, n, cycle, to_recommendations, edges, export)
+
+
+def _champion(spark: SparkSession, models: Models, serving: dict[str, Any] | None, version: int
+              ) -> tuple[int, Any]:
+    """(version, ALSModel) of the model in service, or (0, None) before the first or when its
+    folder is gone (a crashed cycle re-run of the same version faces its own champion)."""
+    from pyspark.ml.recommendation import ALSModel
+
+    if not serving or int(serving["model_version"]) == version:
+        return 0, None
+    champion = int(serving["model_version"])
+    if champion not in models.saved():
+        log.warning("model %d serves but its folder %s is gone: the gate compares with "
+                    "popularity only", champion, models.path(champion))
+        return 0, None
+    return champion, ALSModel.load(models.path(champion))
 
 
 def publish_graph(
@@ -250,7 +254,7 @@ class StreamJob:
         self._ready = threading.Event()
         self._retry_at = 0.0
         self._last_progress = -1
-        self.model_version = 0  # the newest published model (read at start)
+        self.model_version = 0  # the model in service (read at start): its feedback counts
         self.feedback: FeedbackWatch | None = None
         self._feedback_fired: set[int] = set()  # versions already retrained for their feedback
         self._reason: str | None = None
@@ -262,7 +266,8 @@ class StreamJob:
         stops."""
         self.state = self.store.load_state()
         s = self.settings
-        self.model_version = Models(self.spark, s.models).latest()
+        serving = Models(self.spark, s.models).serving()
+        self.model_version = int(serving["model_version"]) if serving else 0
         if s.feedback_retrain_share and self.feedback is None:
             self.feedback = FeedbackWatch(s, self.topics.feedback).start()
         log.info(
@@ -479,7 +484,7 @@ class StreamJob:
                           TRAIN_RETRY_SECONDS)
             return
         self.published.append(done)
-        self.model_version = int(done.model_ready["model_version"])
+        self.model_version = int(done.model_ready["serving"])  # the feedback that counts
         self.state.model_trained(self.state.events, time.time())
         self.store.save_state(self.state)
 
@@ -518,7 +523,7 @@ def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
     )
     topics = _topics(args)
     needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations,
-              topics.graph_edges, topics.model_factors]
+              topics.graph_edges, topics.model_factors, topics.shadow]
     if settings.feedback_retrain_share:
         needed.append(topics.feedback)
     problem = check_topics(settings, needed)
@@ -555,7 +560,7 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
 
     topics = _topics(args)
     problem = check_topics(settings, [topics.model_ready, topics.recommendations,
-                                      topics.graph_edges, topics.model_factors])
+                                      topics.graph_edges, topics.model_factors, topics.shadow])
     if problem:
         print(f"recsys train: {problem}", file=sys.stderr)
         return 2
@@ -587,14 +592,20 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         spark.stop()
     mr = done.model_ready
-    print(f"model {mr['model_version']} ({mr['trigger']}): {mr['events']:,} events, "
-          f"{mr['users']:,} users, {mr['products']:,} products; {done.recommendations:,} "
-          f"recommendations on {topics.recommendations}, {done.graph_edges:,} graph edges on "
-          f"{topics.graph_edges} (export {done.export}), model-ready on {topics.model_ready}")
+    promoted = mr["status"] == PROMOTED
+    print(f"model {mr['model_version']} ({mr['trigger']}) {mr['status']}: {mr['status_reason']}")
+    print(f"  {mr['events']:,} events, {mr['users']:,} users, {mr['products']:,} products; "
+          f"{done.recommendations:,} lists on "
+          f"{topics.recommendations if promoted else topics.shadow}"
+          + (f", {done.graph_edges:,} graph edges on {topics.graph_edges} (export {done.export})"
+             if promoted else "") + f", model-ready on {topics.model_ready}; "
+          f"model {mr['serving']} serves")
     metrics = mr["metrics"]
     base = mr["baseline_metrics"]
+    theirs = mr["champion_metrics"]
     for name in sorted(metrics):
-        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base.get(name, float('nan')):.4f}")
+        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base.get(name, float('nan')):.4f}"
+              + (f"   champion {theirs[name]:.4f}" if name in theirs else ""))
     print(f"  cycle {done.cycle_seconds:.1f} s, ALS.fit {mr['train_seconds']:.1f} s, "
           f"trained at {mr['trained_at']:%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
     return 0

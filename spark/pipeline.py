@@ -54,6 +54,7 @@ class TrainResult:
     user_factors: DataFrame  # user_id, features array<float>
     item_factors: DataFrame  # product_id, features array<float>
     fit_seconds: dict[str, float] = field(default_factory=dict)  # "evaluation", "final"
+    champion_metrics: dict[str, float] | None = None  # the model in service, same test window
 
 
 class _Steps:
@@ -89,21 +90,30 @@ def _evaluate(
     pairs: int,
     settings: Settings,
     local: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-) -> tuple[dict[str, float], dict[str, float], float, int]:
-    """Fit on train, score the model and popularity on test; (model, baseline, fit s, users).
-    `local`: the same train and test matrices already on the driver."""
+    champion: ALSModel | None = None,
+) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float] | None]:
+    """Fit on train, score the model and popularity on test; (model, baseline, fit s, users,
+    champion's). `local`: the same train and test matrices already on the driver. `champion`:
+    the model in service, scored on the same window with the same protocol (for the gate)."""
     model, seconds = train.fit(train_m, settings)
     started = time.perf_counter()
     driver = evaluate.on_driver(pairs, settings.als_rank)
     train_e, test_e = local if local is not None and driver else (train_m, test_m)
+    implicit = settings.als_mode == "implicit"
     metrics, baseline = evaluate.model_and_baseline(
-        model, train_e, test_e, settings.eval_k, settings.als_mode == "implicit", driver
+        model, train_e, test_e, settings.eval_k, implicit, driver
     )
-    log.info("metrics of the model and popularity: %.1f s (on the %s)",
-             time.perf_counter() - started, "driver" if driver else "cluster")
+    theirs = None
+    if champion is not None:
+        theirs = evaluate.model_and_baseline(
+            champion, train_e, test_e, settings.eval_k, implicit, driver)[0]
+        theirs.pop("eval_users")
+    log.info("metrics of the model%s and popularity: %.1f s (on the %s)",
+             "" if champion is None else ", the champion", time.perf_counter() - started,
+             "driver" if driver else "cluster")
     users = int(metrics.pop("eval_users"))
     baseline.pop("eval_users")
-    return metrics, baseline, seconds, users
+    return metrics, baseline, seconds, users, theirs
 
 
 # Up to this many sales, a cycle prepares its matrices on the driver (`_prepare_on_driver`):
@@ -222,11 +232,13 @@ def _prepare_on_driver(
 
 
 def run_training(
-    spark: SparkSession, sales: DataFrame, settings: Settings, model_version: int
+    spark: SparkSession, sales: DataFrame, settings: Settings, model_version: int,
+    champion: ALSModel | None = None,
 ) -> TrainResult:
     """Train, evaluate and recommend from `sales` (the `Sale` shape). The final model and the new
-    index entries are stored by `save` (after the recommendations are out). Raises ValueError
-    when there is nothing to train on."""
+    index entries are stored by `save` (after the recommendations are out). `champion` (the
+    model in service) is scored on the same test window (`TrainResult.champion_metrics`). Raises
+    ValueError when there is nothing to train on."""
     started = time.perf_counter()
     step = _Steps(f"model {model_version}")
     small = sales.count() <= DRIVER_MAX_EVENTS  # a Parquet store counts from its footers
@@ -240,10 +252,11 @@ def run_training(
         w: prepare.side_local(prep.pairs, w, settings) for w in ("train", "test", "all")
     }
     step("split, matrices")
+    champion_metrics = None
     if train_pairs and test_pairs:
-        metrics, baseline, eval_seconds, eval_users = _evaluate(
+        metrics, baseline, eval_seconds, eval_users, champion_metrics = _evaluate(
             train_m, test_m, train_pairs + test_pairs, settings,
-            None if local is None else (local["train"], local["test"]),
+            None if local is None else (local["train"], local["test"]), champion,
         )
     else:
         log.warning("train (%d pairs) or test (%d pairs) is empty: no metrics", train_pairs,
@@ -318,6 +331,7 @@ def run_training(
         user_factors=user_factors,
         item_factors=item_factors,
         fit_seconds={"evaluation": eval_seconds, "final": final_seconds},
+        champion_metrics=champion_metrics,
     )
     log_result(result, n_recs)
     return result

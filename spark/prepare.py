@@ -61,6 +61,14 @@ def valid_events(sales: DataFrame) -> DataFrame:
     )
 
 
+def products_only(sales: DataFrame, non_product_pattern: str) -> DataFrame:
+    """`sales` without the codes that are not products (settings.non_product_pattern: postage,
+    fees, discounts...): they stay in the store but never reach training, lists or the graph."""
+    if not non_product_pattern:
+        return sales
+    return sales.where(~F.coalesce(F.col("product_id").rlike(non_product_pattern), F.lit(False)))
+
+
 def naive_utc(value: datetime) -> datetime:
     """`value` as a naive UTC time (a naive one is taken as UTC already)."""
     if value.tzinfo is not None:

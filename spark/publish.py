@@ -44,6 +44,7 @@ class Topics:
     feedback: str = topics.FEEDBACK  # read: the aggregator's online feedback (early retrain)
     graph_edges: str = topics.GRAPH_EDGES  # `with_prefix` builds the fields in order
     model_factors: str = topics.MODEL_FACTORS  # what the speed layer folds sales in with
+    shadow: str = topics.RECOMMENDATIONS_SHADOW  # a rejected challenger's lists
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -176,7 +177,7 @@ def _ms(value: datetime | int | float | None) -> datetime | None:
     return datetime.fromtimestamp(float(value) / 1000.0, UTC)
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
+def finite(metrics: dict[str, float]) -> dict[str, float]:
     """NaN stays NaN (Avro doubles carry it); None and non-numbers are left out."""
     out = {}
     for k, v in metrics.items():
@@ -215,8 +216,8 @@ def model_ready_record(result: Any, trigger: str, offsets: list[dict[str, Any]],
         "users": int(result.users),
         "products": int(result.products),
         "params": {str(k): str(v) for k, v in result.params.items()},
-        "metrics": _finite(result.metrics),
-        "baseline_metrics": _finite(result.baseline_metrics),
+        "metrics": finite(result.metrics),
+        "baseline_metrics": finite(result.baseline_metrics),
         "train_seconds": float(result.train_seconds),
         "cycle_seconds": float(cycle_seconds) if math.isfinite(cycle_seconds) else 0.0,
         "model_path": str(result.model_path),

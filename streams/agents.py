@@ -4,7 +4,7 @@ feedback timer out.
 `Aggregation` holds what is done with each batch of events, so tests drive the same code with or
 without Faust. Two ways in:
 
-- recommendations, model-ready and dead letters: Faust agents taking their stream in batches
+- recommendations, recommendations-shadow, model-ready and dead letters: Faust agents taking their stream in batches
   (`take_events`: Faust acks a batch only after the body has handled it, so the guarantee stays
   at-least-once; the commit, Faust's, follows a producer flush);
 - sales, the input with volume: not a Faust agent. streams/sales_reader.py reads whole fetches
@@ -25,9 +25,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from recsys.settings import Settings
+from schemas import topics as T
 from streams.faust_codec import Undecodable
-from streams.feedback import RETRAIN, Listing, feedback_record, match, newer, to_ms
-from streams.tables import DeadLetterState, State, Tables, list_key, list_value, rollup_key
+from streams.feedback import RETRAIN, Listing, feedback_record, match, to_ms
+from streams.tables import (
+    MAX_MODEL_RECORDS,
+    DeadLetterState,
+    RecommendationState,
+    State,
+    Tables,
+    list_key,
+    list_value,
+    rollup_key,
+    serving_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,7 @@ class Topics:
     model_ready: Any
     recommendations: Any
     feedback: Any
+    shadow: Any = None  # recommendations-shadow
 
 
 def _now_ms() -> int:
@@ -124,6 +136,7 @@ class Aggregation:
         """Judge each new sale against the list in force at its arrival, write the batch as one
         record, then fold the minutes that left the window. Returns the sales counted."""
         sales, recs, counters = self.state.sales, self.state.recs, self.state.counters
+        shadow, timeline = self.state.shadow, self.state.timeline
         entries: list[list[Any]] = []
         fresh: set[str] = set()
         key = None
@@ -142,9 +155,11 @@ class Aggregation:
                 counters["sales_duplicate"] += 1
                 continue
             user, product, qty = value["user_id"], value["product_id"], int(value["quantity"])
-            m = match(recs.listings(user), product, ts)
-            entries.append([eid, ts, user, product, qty, m.model_version, int(m.hit), part,
-                            m.source])
+            m = match(recs.listings(user), product, ts, timeline.at(ts), shadow.listings(user))
+            entry = [eid, ts, user, product, qty, m.model_version, int(m.hit), part, m.source]
+            if m.shadow_version is not None:
+                entry += [m.shadow_version, int(m.shadow_hit)]
+            entries.append(entry)
             fresh.add(eid)
             if key is None:
                 msg = event.message
@@ -178,12 +193,20 @@ class Aggregation:
         self.state.sales.apply_close(plan)
         log.debug("folded minutes %s; %d batch records deleted", plan.buckets, len(plan.delete))
 
-    # --- recommendations -------------------------------------------------------------------------
+    # --- recommendations ---------------------------------------------------------------------
     async def on_recommendations(self, events: Sequence[Any]) -> int:
-        """Add each list (a retrain's or a fold-in's) to its user's lists of its version, and make
-        it the user's freshest list when it is newer (streams/feedback.py: `newer`)."""
-        state, tables, counters = self.state, self.tables, self.state.counters
-        recs = state.recs
+        """Add each list (a retrain's or a fold-in's) to its user's lists of its version; which
+        one the read API answers is chosen at query time (the version in service first)."""
+        return await self._on_lists(events, self.state.recs, self.tables.model_recs,
+                                    "recommendations")
+
+    async def on_shadow(self, events: Sequence[Any]) -> int:
+        """A rejected challenger's lists: kept to judge sales beside the served ones."""
+        return await self._on_lists(events, self.state.shadow, self.tables.shadow_recs, "shadow")
+
+    async def _on_lists(self, events: Sequence[Any], recs: RecommendationState, table: Any,
+                        what: str) -> int:
+        state, counters = self.state, self.state.counters
         changed = 0
         for event in events:
             value = await self._usable(event)
@@ -194,62 +217,60 @@ class Aggregation:
             ranked = sorted(value["items"], key=lambda it: it["rank"])
             source = value.get("source") or RETRAIN
             listing = Listing(mv, g, tuple(it["product_id"] for it in ranked), source,
-                              value.get("sale_event_id") if source != RETRAIN else None)
-            counters[f"recommendations_{source}"] += 1
-            if (recs.versions and mv not in recs.versions
-                    and len(recs.versions) >= state.keep_models
-                    and mv < min(recs.versions)):
-                counters["recommendations_stale"] += 1  # older than every kept version
+                              value.get("sale_event_id") if source != RETRAIN else None,
+                              tuple(float(it["score"]) for it in ranked))
+            counters[f"{what}_{source}"] += 1
+            if recs.is_stale(listing, state.serving, state.keep_models):
+                counters[f"{what}_stale"] += 1  # ranks below every kept version
                 continue
             if recs.put(user, listing):
-                tables.model_recs[list_key(user, listing)] = list_value(user, listing)
+                table[list_key(user, listing)] = list_value(user, listing)
                 for key in recs.trim(user, mv):
-                    if key in tables.model_recs:
-                        del tables.model_recs[key]
+                    if key in table:
+                        del table[key]
                 changed += 1
-            latest = tables.recs.get(user)
-            current = None if latest is None else Listing(
-                latest["model_version"], latest["generated_at"], (),
-                latest.get("source", RETRAIN))
-            if newer(listing, current):
-                tables.recs[user] = {
-                    "id": value["id"], "model_version": mv, "generated_at": g,
-                    "items": [[it["product_id"], it["score"]] for it in ranked],
-                    "source": source, "sale_event_id": listing.sale_event_id,
-                }
-                if current is None:
-                    state.latest_users += 1
-                else:
-                    state.latest_by_source[current.source] -= 1
-                state.latest_by_source[source] += 1
-            self._prune()
-        counters["recommendations_in"] += len(events)
+            self._prune(recs, table, what)
+        counters[f"{what}_in"] += len(events)
         return changed
 
-    def _prune(self) -> None:
-        recs = self.state.recs
-        while len(recs.versions) > self.state.keep_models:
-            oldest = min(recs.versions)
-            keys = recs.drop_version(oldest)
+    def _prune(self, recs: RecommendationState, table: Any, what: str) -> None:
+        for mv in recs.to_drop(self.state.serving, self.state.keep_models):
+            keys = recs.drop_version(mv)
             for key in keys:
-                if key in self.tables.model_recs:
-                    del self.tables.model_recs[key]
-            log.info("model version %d: %d lists dropped (keeping the last %d versions)",
-                     oldest, len(keys), self.state.keep_models)
+                if key in table:
+                    del table[key]
+            log.info("%s: model version %d: %d lists dropped (keeping %d versions)", what, mv,
+                     len(keys), self.state.keep_models)
 
     # --- model-ready -----------------------------------------------------------------------------
     async def on_models(self, events: Sequence[Any]) -> int:
+        """Keep each version's summary with every record read for it (a manual promotion or
+        rollback sends another record for an existing version; the last one read is its status),
+        idempotent on the record's offset; then derive which version serves."""
         changed = 0
         for event in events:
             value = await self._usable(event)
             if value is None:
                 continue
             mv = int(value["model_version"])
+            status = value.get("status") or T.PROMOTED
+            serving = serving_of(mv, status, int(value.get("serving") or 0))
+            record = {"offset": event.message.offset,
+                      "ts": round(event.message.timestamp * 1000), "status": status,
+                      "serving": serving or 0, "trigger": value["trigger"],
+                      "reason": value.get("status_reason") or "",
+                      "champion": int(value.get("champion_version") or 0),
+                      "champion_metrics": dict(value.get("champion_metrics") or {})}
+            old = self.tables.models.get(str(mv)) or {}
+            records = [r for r in old.get("records") or [] if r["offset"] != record["offset"]]
+            records = sorted([*records, record], key=lambda r: (r["offset"], r["ts"]))
+            last = records[-1]
+            gated = [r for r in records if r.get("champion")]  # the gate's (not a manual) record
             summary = {
                 "model_version": mv,
                 "model_id": value["model_id"],
                 "trained_at": to_ms(value["trained_at"]),
-                "trigger": value["trigger"],
+                "trigger": last["trigger"],
                 "events": value["events"],
                 "users": value["users"],
                 "products": value["products"],
@@ -258,13 +279,21 @@ class Aggregation:
                 "baseline_metrics": dict(value["baseline_metrics"]),
                 "train_seconds": value["train_seconds"],
                 "cycle_seconds": value["cycle_seconds"],
+                "status": last["status"],
+                "status_reason": last["reason"],
+                "champion_version": gated[-1]["champion"] if gated else None,
+                "champion_metrics": gated[-1]["champion_metrics"] if gated else {},
+                "records": records[-MAX_MODEL_RECORDS:],
             }
-            if self.tables.models.get(str(mv)) != summary:
+            if old != summary:
                 self.tables.models[str(mv)] = summary
                 self.state.models[mv] = summary
                 changed += 1
-                log.info("model %d ready: %s", mv,
+                log.info("model %d %s (%s; serving: %s): %s", mv, last["status"],
+                         last["trigger"], serving,
                          {k: round(v, 4) for k, v in summary["metrics"].items()})
+        if changed:
+            self.state.derive_serving()
         self.state.counters["models_in"] += len(events)
         return changed
 
@@ -316,8 +345,9 @@ class Aggregation:
         return published
 
     def feedback(self, mv: int, window: tuple[int, int], now_ms: int) -> dict[str, Any]:
+        """A version's `Feedback`: the sales judged against its lists, served or in shadow."""
         counts = self.state.sales.window.counts(mv)
-        stats = self.state.recs.versions.get(mv)
+        stats = self.state.recs.versions.get(mv) or self.state.shadow.versions.get(mv)
         k = stats.k if stats and stats.k else self.settings.top_n
         model = self.state.models.get(mv) or {}
         offline = (model.get("metrics") or {}).get("precision_at_k")
@@ -328,9 +358,10 @@ class Aggregation:
         started = time.perf_counter()
         self.state.rebuild(self.tables)
         s = self.state.sales.totals()
-        log.info("tables recovered in %.2fs: %d models, %d users with lists, %d sales "
-                 "(%d inside the window), %d dead letters", time.perf_counter() - started,
-                 len(self.state.models), self.state.latest_users, s["events"], s["in_window"],
+        log.info("tables recovered in %.2fs: %d models (serving: %s), %d users with lists, %d "
+                 "sales (%d inside the window), %d dead letters", time.perf_counter() - started,
+                 len(self.state.models), self.state.serving, self.state.latest_users,
+                 s["events"], s["in_window"],
                  self.state.dead_letters.totals()["total"])
 
 
@@ -378,6 +409,8 @@ def register(app: Any, settings: Settings, topics: Topics, agg: Aggregation) -> 
     agents = {
         "recommendations": batch_agent(topics.recommendations, "recommendations", BATCH,
                                        agg.on_recommendations),
+        "recommendations-shadow": batch_agent(topics.shadow, "recommendations-shadow", BATCH,
+                                              agg.on_shadow),
         "model-ready": batch_agent(topics.model_ready, "model-ready", 100, agg.on_models),
         "dead-letters": batch_agent(topics.dead_letters, "dead-letters", BATCH,
                                     agg.on_dead_letters),

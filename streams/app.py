@@ -6,7 +6,8 @@ follows Faust's own (app, agents, tables, views).
 
 Inputs. `sales` is read by the app's `SalesReader` service (streams/sales_reader.py), a plain
 aiokafka consumer handing whole fetches to `Aggregation.on_sales`: Faust's per-event path held the
-worker near 3,000 sales/s. `recommendations`, `model-ready` and `sales.dlq` stay on Faust agents
+worker near 3,000 sales/s. `recommendations`, `recommendations-shadow` (a rejected challenger's
+lists, judged beside the served ones), `model-ready` and `sales.dlq` stay on Faust agents
 (streams/agents.py).
 
 Guarantees. Processing is at-least-once (Faust's exactly_once has open duplicate bugs): the
@@ -54,7 +55,7 @@ from streams.sales_reader import Lists, SalesReader, aiokafka_admin, aiokafka_co
 log = logging.getLogger(__name__)
 
 APP_ID = "recsys-aggregate"
-INPUTS = (T.SALES, T.SALES_DLQ, T.MODEL_READY, T.RECOMMENDATIONS)
+INPUTS = (T.SALES, T.SALES_DLQ, T.MODEL_READY, T.RECOMMENDATIONS, T.RECOMMENDATIONS_SHADOW)
 OUTPUTS = (T.FEEDBACK,)
 
 
@@ -177,6 +178,7 @@ def create_app(
         model_ready=topic(T.MODEL_READY, "ModelReady"),
         recommendations=topic(T.RECOMMENDATIONS, "Recommendation"),
         feedback=topic(T.FEEDBACK, "Feedback"),
+        shadow=topic(T.RECOMMENDATIONS_SHADOW, "Recommendation"),
     )
     tables = tables_mod.declare(app, parts)
     state = tables_mod.State(horizon_ms(settings.feedback_horizon_seconds),
@@ -201,7 +203,8 @@ def create_app(
         aggregation, topic=topics.sales.get_topic_name(), partitions=parts[T.SALES],
         consumer=aiokafka_consumer(settings, sales_group), crash=app.crash,
         lists=Lists(topics.recommendations.get_topic_name(), parts[T.RECOMMENDATIONS],
-                    app.conf.id, aiokafka_admin(settings, sales_group)))
+                    app.conf.id, aiokafka_admin(settings, sales_group),
+                    shadow=(topics.shadow.get_topic_name(), parts[T.RECOMMENDATIONS_SHADOW])))
     app.service(sales_reader)
 
     @app.on_partitions_revoked.connect

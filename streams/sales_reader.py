@@ -21,8 +21,8 @@ When. Reading starts once Faust has recovered the tables and the views are deriv
 Faust rebalances (`pause`, on Faust's on_partitions_revoked): the fetch being handled finishes
 and commits, a fetch that arrives meanwhile waits until the recovery is over, and no table is
 written while Faust restores them. After each resume it first lets Faust's (slower) agent read
-the recommendation lists already published (`wait_for_lists`), so a backlog of sales is judged
-against them. On stop, the fetch being handled finishes and commits; the rest is read again at
+the recommendation lists already published, served and shadow (`wait_for_lists`), so a backlog
+of sales is judged against them. On stop, the fetch being handled finishes and commits; the rest is read again at
 the next start.
 
 Partitions. One worker holds every partition (streams/tables.py, README "Limits"): the reader
@@ -108,6 +108,11 @@ class Lists:
     partitions: int
     group_id: str  # Faust's consumer group (the app id)
     admin: Callable[[], Any]  # an AIOKafkaAdminClient, to read that group's committed offsets
+    shadow: tuple[str, int] | None = None  # recommendations-shadow and its partitions
+
+    def partitions_read(self) -> list[tuple[str, int]]:
+        more = [(self.shadow[0], p) for p in range(self.shadow[1])] if self.shadow else []
+        return [(self.topic, p) for p in range(self.partitions)] + more
 
 
 class SalesReader(mode.Service):
@@ -211,7 +216,7 @@ class SalesReader(mode.Service):
         from aiokafka import TopicPartition
         from aiokafka.errors import KafkaError
 
-        tps = [TopicPartition(self.lists.topic, p) for p in range(self.lists.partitions)]
+        tps = [TopicPartition(t, p) for t, p in self.lists.partitions_read()]
         ends = await self.consumer.end_offsets(tps)
         firsts = await self.consumer.beginning_offsets(tps)
         deadline = asyncio.get_running_loop().time() + LISTS_WAIT
@@ -227,7 +232,7 @@ class SalesReader(mode.Service):
                           self.lists.group_id, exc)
                 await asyncio.sleep(LISTS_POLL)
                 continue
-            behind = {tp.partition: end for tp, end in ends.items()
+            behind = {f"{tp.topic}[{tp.partition}]": end for tp, end in ends.items()
                       if end > max(firsts[tp], done[tp].offset if tp in done else -1)}
             if not behind:
                 if told:

@@ -7,14 +7,17 @@ writes but before its offset commit reads those events again) can never double c
 update is set-based and keyed by the event's deterministic id, and counts are recomputed from the
 deltas of those updates.
 
-    recs            user_id -> freshest list (model_version, generated_at, items, source,
-                    sale_event_id); replaced only by a newer (model_version, generated_at), so a
-                    fold-in under an older version never replaces a newer model's list
     model_recs      record id -> list, for the last `aggregate_keep_models` versions: the retrain
                     list ("model_version:user_id") and the fold-in lists
                     ("model_version:user_id:sale_event_id", at most MAX_LISTS per user and version,
-                    the newest): per-version degrees, and the lists a sale is judged against
-    models          model_version -> ModelReady summary (offline metrics)
+                    the newest): per-version degrees, the lists a sale is judged against, and the
+                    list the read API answers (chosen at query time: the version in service first,
+                    streams/feedback.py `rank`)
+    shadow_recs     the same for `recommendations-shadow`: a rejected challenger's lists, judged
+                    beside the served ones, never answered
+    models          model_version -> ModelReady summary (offline metrics, the last record's
+                    status and `serving`, and every record read for the version: a manual
+                    promotion or rollback sends another one for the same version)
     sales_batches   one record per agent batch: the batch's new sales, each with its event_id,
                     arrival time, partition and feedback match. Kept while inside the feedback
                     window: the event ids in it are the dedupe set, bounded by the window
@@ -51,15 +54,21 @@ from schemas import topics as T
 from streams.feedback import (
     BUCKET_MS,
     RETRAIN,
+    SOURCES,
     FeedbackWindow,
     Listing,
+    ServingTimeline,
     bucket_of,
+    choose,
     window_bounds,
 )
 
 # A sale as kept in sales_batches (a JSON list, small on the changelog); E_SRC, the source of the
-# list it was judged against, is absent from the records of older versions (then a retrain's).
-E_ID, E_TS, E_USER, E_PRODUCT, E_QTY, E_MV, E_HIT, E_PART, E_SRC = range(9)
+# list it was judged against, is absent from the records of older versions (then a retrain's);
+# E_SMV and E_SHIT, the challenger whose shadow list was in force and whether it was a hit, are
+# absent when none was (and from older records).
+E_ID, E_TS, E_USER, E_PRODUCT, E_QTY, E_MV, E_HIT, E_PART, E_SRC, E_SMV, E_SHIT = range(11)
+MAX_MODEL_RECORDS = 16  # model-ready records kept per version (each promotion adds one)
 MAX_MINUTES = 180  # per-minute counts kept after they leave the window
 MAX_REASONS = 50  # distinct dead-letter labels per partition; the rest count as "other"
 # Lists kept per user and version: the newest decides degrees and judges new sales; the older
@@ -71,10 +80,14 @@ def source_of(e: list[Any]) -> str | None:
     return e[E_SRC] if len(e) > E_SRC else RETRAIN
 
 
+def shadow_of(e: list[Any]) -> tuple[int | None, bool]:
+    return (e[E_SMV], bool(e[E_SHIT])) if len(e) > E_SHIT else (None, False)
+
+
 @dataclass(frozen=True)
 class Tables:
-    recs: Any
     model_recs: Any
+    shadow_recs: Any
     models: Any
     sales_batches: Any
     product_totals: Any
@@ -103,8 +116,9 @@ def declare(app: Any, partitions: Mapping[str, int]) -> Tables:
         ))
 
     return Tables(
-        recs=table("recs", T.RECOMMENDATIONS, "latest list per user"),
         model_recs=table("model-recs", T.RECOMMENDATIONS, "list per model version and user"),
+        shadow_recs=table("shadow-recs", T.RECOMMENDATIONS_SHADOW,
+                          "a rejected challenger's list per version and user"),
         models=table("models", T.MODEL_READY, "model-ready summary per version"),
         sales_batches=table("sales-batches", T.SALES, "sales inside the feedback window"),
         product_totals=table("product-totals", T.SALES, "sales per product folded in"),
@@ -121,6 +135,7 @@ class VersionStats:
     users: int = 0
     k: int = 0
     degree: Counter[str] = field(default_factory=Counter)  # product -> users it is shown to
+    published: int = 0  # newest generated_at of its retrain lists: a republished version is new
 
 
 def list_key(user_id: str, listing: Listing) -> str:
@@ -131,7 +146,13 @@ def list_key(user_id: str, listing: Listing) -> str:
 
 def list_value(user_id: str, listing: Listing) -> dict[str, Any]:
     return {"g": listing.generated_at, "items": list(listing.items), "u": user_id,
-            "src": listing.source, "eid": listing.sale_event_id}
+            "src": listing.source, "eid": listing.sale_event_id, "s": list(listing.scores)}
+
+
+def keep_rank(mv: int, published: int, serving: int | None) -> tuple[bool, int, int]:
+    """Which versions' lists are kept: the one in service always, then the most recently
+    published (a rollback republishes an older version: its lists are new), then the newest."""
+    return mv == serving, published, mv
 
 
 class RecommendationState:
@@ -174,7 +195,38 @@ class RecommendationState:
                         del stats.degree[p]
             stats.degree.update(lists[-1].items)
         stats.k = max(stats.k, len(listing.items))
+        if listing.source == RETRAIN:
+            stats.published = max(stats.published, listing.generated_at)
         return True
+
+    def chosen(self, user_id: str, serving: int | None) -> Listing | None:
+        """The list the read API answers for the user now."""
+        return choose(self.listings(user_id), serving)
+
+    def is_stale(self, listing: Listing, serving: int | None, keep: int) -> bool:
+        """Would this list's version be dropped at once: a new version while `keep` are kept,
+        each ranking above it (streams/tables.py `keep_rank`)."""
+        mv = listing.model_version
+        if mv in self.versions or len(self.versions) < keep:
+            return False
+        published = listing.generated_at if listing.source == RETRAIN else 0
+        return keep_rank(mv, published, serving) < min(
+            keep_rank(v, s.published, serving) for v, s in self.versions.items())
+
+    def to_drop(self, serving: int | None, keep: int) -> list[int]:
+        """The versions beyond the `keep` that rank highest."""
+        ranked = sorted(self.versions, key=lambda v: keep_rank(v, self.versions[v].published,
+                                                               serving))
+        return ranked[:max(0, len(ranked) - keep)]
+
+    def by_source(self, serving: int | None) -> Counter[str]:
+        """Users by the source of the list the read API answers them."""
+        out: Counter[str] = Counter()
+        for user in self.by_user:
+            lst = self.chosen(user, serving)
+            if lst is not None:
+                out[lst.source] += 1
+        return out
 
     def trim(self, user_id: str, mv: int) -> list[str]:
         """Keep a user's newest MAX_LISTS lists of a version; the keys of those dropped."""
@@ -201,7 +253,7 @@ class RecommendationState:
             mv, _, user = key.partition(":")  # records of older versions: retrain lists only
             self.put(value.get("u", user), Listing(
                 int(mv), int(value["g"]), tuple(value["items"]), value.get("src", RETRAIN),
-                value.get("eid")))
+                value.get("eid"), tuple(value.get("s") or ())))
 
     def degree_histogram(self, mv: int) -> list[list[int]]:
         """[[degree, products with that degree], ...]: how many users each product reaches."""
@@ -351,7 +403,9 @@ class SalesState:
             totals = self.products.setdefault(e[E_PRODUCT], [0, 0, 0])
             for i in range(3):
                 totals[i] += delta[i]
-        self.window.add(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]), source_of(e))
+        smv, shit = shadow_of(e)
+        self.window.add(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]), source_of(e),
+                        shadow_version=smv, shadow_hit=shit)
         if e[E_TS] > self.stream_ms:
             self.stream_ms = e[E_TS]
 
@@ -429,8 +483,9 @@ class SalesState:
                     self.open[1] -= 1 if qty > 0 else 0
                     self.open[2] -= 0 if qty > 0 else 1
                     self.open[3] -= qty
+                    smv, shit = shadow_of(e)
                     self.window.remove(e[E_MV], e[E_USER], e[E_PRODUCT], qty, bool(e[E_HIT]),
-                                       source_of(e))
+                                       source_of(e), smv, shit)
         for product, rec in plan.products.items():
             self._absorb(product, rec)
         for p, roll in plan.rollups.items():
@@ -529,17 +584,37 @@ class DeadLetterState:
 # --- everything the agents and views share ------------------------------------------------------
 
 
+def serving_of(model_version: int, status: str, serving: int) -> int | None:
+    """The version in service once a model-ready record is read. A record without `serving`
+    (an old v1 record reads as 0, promoted) names its own version; a rejected one with 0, none."""
+    if serving:
+        return serving
+    return model_version if status == T.PROMOTED else None
+
+
+def model_records(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model-ready records read for one version, oldest first (a summary written by an
+    older aggregator has none: it stands for one promoted record)."""
+    records = summary.get("records")
+    if records:
+        return records
+    mv = summary["model_version"]
+    return [{"offset": -1, "ts": summary.get("trained_at", 0), "status": T.PROMOTED,
+             "serving": mv, "trigger": summary.get("trigger", "")}]
+
+
 class State:
     """The derived views plus the worker's own counters (those restart at zero)."""
 
     def __init__(self, horizon: int, keep_models: int) -> None:
         self.keep_models = keep_models
         self.recs = RecommendationState()
+        self.shadow = RecommendationState()  # a rejected challenger's lists, never answered
         self.sales = SalesState(horizon)
         self.dead_letters = DeadLetterState()
         self.models: dict[int, dict[str, Any]] = {}
-        self.latest_users = 0  # users with a list (size of `recs`)
-        self.latest_by_source: Counter[str] = Counter()  # users by their freshest list's source
+        self.serving: int | None = None  # `serving` of the last model-ready record read
+        self.timeline = ServingTimeline()  # which version served when (sales are judged by it)
         self.recovered = False
         self.feedback: dict[int, dict[str, Any]] = {}  # last published per version
         self.counters: Counter[str] = Counter()
@@ -548,12 +623,33 @@ class State:
     def latest_model(self) -> int | None:
         return max(self.models) if self.models else None
 
+    @property
+    def latest_users(self) -> int:
+        """Users with a list."""
+        return len(self.recs.by_user)
+
+    def users_by_source(self) -> dict[str, int]:
+        counts = self.recs.by_source(self.serving)
+        return {src: counts[src] for src in SOURCES}
+
+    def derive_serving(self) -> None:
+        """`serving` and the timeline from every model-ready record kept, in offset order."""
+        records = sorted(
+            ((r["offset"], r["ts"], serving_of(mv, r["status"], r["serving"]))
+             for mv, summary in self.models.items() for r in model_records(summary)),
+            key=lambda r: (r[0], r[1]))
+        self.serving = records[-1][2] if records else None
+        self.timeline = ServingTimeline((ts, serving) for _, ts, serving in records)
+
+    def status(self, mv: int) -> str | None:
+        summary = self.models.get(mv)
+        return summary.get("status", T.PROMOTED) if summary else None
+
     def rebuild(self, tables: Tables) -> None:
         self.models = {int(k): v for k, v in tables.models.items() if v is not None}
+        self.derive_serving()
         self.recs.rebuild(tables.model_recs.items())
-        latest = [v for v in tables.recs.values() if v is not None]
-        self.latest_users = len(latest)
-        self.latest_by_source = Counter(v.get("source", RETRAIN) for v in latest)
+        self.shadow.rebuild(tables.shadow_recs.items())
         self.sales.rebuild(
             tables.sales_batches.items(),
             tables.product_totals.items(),

@@ -1,13 +1,15 @@
 """The read API, served by Faust's web server (127.0.0.1:6066 by default), JSON only.
 
-    GET /recommendations/{user_id}  the user's freshest list: newest model version, then latest
-                                    generated ("source": "retrain" or "fold-in", with its
-                                    model_version and, for a fold-in, the sale_event_id that
-                                    caused it); for a user without one, the most bought products
-                                    ("source": "popular")
-    GET /stats                      top products, degree distribution, feedback (per version and
-                                    per source of the lists), users by the source of their
-                                    freshest list, ingest rate, dead letters, model metrics
+    GET /recommendations/{user_id}  the user's list: the version in service first, then the newest
+                                    model version, then the latest generated ("source": "retrain"
+                                    or "fold-in", with its model_version and, for a fold-in, the
+                                    sale_event_id that caused it); for a user without one, the
+                                    most bought products ("source": "popular")
+    GET /stats                      the version in service, each version's status, top products,
+                                    degree distribution, feedback (per version and per source of
+                                    the lists), the shadow comparison (a rejected challenger's
+                                    lists against the served ones on the same sales), users by the
+                                    source of their list, ingest rate, dead letters, model metrics
                                     (cached for STATS_TTL seconds)
     GET /ready                      200 once the tables are recovered and a first model exists,
                                     503 before
@@ -21,7 +23,7 @@ import time
 from typing import Any
 
 from streams.agents import Aggregation
-from streams.feedback import RETRAIN, SOURCES, source_figures
+from streams.feedback import SOURCES, source_figures
 
 STATS_TTL = 1.0  # seconds a /stats answer is reused: it sorts every product
 TOP = 20
@@ -33,13 +35,24 @@ def stats(agg: Aggregation) -> dict[str, Any]:
     sales = state.sales
     latest = state.latest_model
     start, end = sales.window_bounds()
-    versions = sorted(set(state.models) | set(state.recs.versions), reverse=True)
+    versions = sorted(set(state.models) | set(state.recs.versions) | set(state.shadow.versions),
+                      reverse=True)
+    now_ms = int(time.time() * 1000)
     per_version = []
     for mv in versions:
-        rs = state.recs.versions.get(mv)
+        rs = state.recs.versions.get(mv) or state.shadow.versions.get(mv)
         model = state.models.get(mv)
         per_version.append({
             "model_version": mv,
+            "status": state.status(mv),
+            "serving": mv == state.serving,
+            "status_reason": model.get("status_reason") if model else None,
+            "champion_version": model.get("champion_version") if model else None,
+            "champion_metrics": model.get("champion_metrics") if model else None,
+            # Every model-ready record read for it: a manual promotion adds one.
+            "status_history": model.get("records") if model else None,
+            "lists": "shadow" if mv in state.shadow.versions and mv not in state.recs.versions
+            else "served" if rs else None,
             "users": rs.users if rs else 0,
             "k": rs.k if rs else 0,
             "top_recommended": state.recs.top_recommended(mv, TOP),
@@ -48,18 +61,37 @@ def stats(agg: Aggregation) -> dict[str, Any]:
             "baseline_metrics": model["baseline_metrics"] if model else None,
             "trained_at": model["trained_at"] if model else None,
             "trigger": model["trigger"] if model else None,
-            "feedback": agg.feedback(mv, (start, end), int(time.time() * 1000))
-            if mv in sales.window.by_version else None,
+            # Sales judged against this version's lists, served or (a challenger) in shadow.
+            "feedback": agg.feedback(mv, (start, end), now_ms)
+            if mv in sales.window.by_version or mv in sales.window.shadow else None,
+        })
+    shadow = []
+    for mv in sorted(sales.window.shadow, reverse=True):
+        challenger, champion = sales.window.shadow_counts(mv)
+        model = state.models.get(mv) or {}
+        shadow.append({
+            "model_version": mv,
+            "status": state.status(mv),
+            "champion_version": model.get("champion_version") or state.serving,
+            "sales": challenger.sales,  # the same sales for both
+            "challenger": source_figures(challenger),
+            "champion": source_figures(champion),
         })
     minutes = sales.per_minute()
     # The newest full minute: the current one is still filling.
     full = [n for b, n in minutes if b + 60_000 <= sales.stream_ms]
     return {
         "ready": state.recovered and latest is not None,
+        "serving": state.serving,  # the version in service (`serving` of the last model-ready)
         "latest_model": state.models.get(latest) if latest is not None else None,
         "models": per_version,
+        # Per challenger version with shadow lists judged in the window, newest first: its
+        # online figures and the served lists' on the same sales; `shadow` is the newest.
+        "shadow": shadow[0] if shadow else None,
+        "shadow_versions": shadow,
         "users_with_recommendations": state.latest_users,
-        "users_by_source": {src: state.latest_by_source[src] for src in SOURCES},
+        # Users by the source of the list the read API answers them.
+        "users_by_source": state.users_by_source(),
         # The feedback window's purchases by the source of the list they were judged against.
         "feedback_by_source": {src: source_figures(sales.window.source_counts(src))
                                for src in SOURCES},
@@ -93,7 +125,7 @@ class Popular:
 
 
 def popular(agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
-    mv = agg.state.latest_model
+    mv = agg.state.serving if agg.state.serving is not None else agg.state.latest_model
     stats_ = agg.state.recs.versions.get(mv) if mv is not None else None
     n = stats_.k if stats_ and stats_.k else agg.settings.top_n
     items = [{"product_id": t["product_id"], "sales": t["sales"], "rank": i}
@@ -106,14 +138,15 @@ def popular(agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
 
 def recommendations(agg: Aggregation, user_id: str, cache: Popular | None = None
                     ) -> dict[str, Any]:
-    latest = agg.tables.recs.get(user_id)
-    if latest is not None:
+    lst = agg.state.recs.chosen(user_id, agg.state.serving)
+    if lst is not None:
+        scores = lst.scores if len(lst.scores) == len(lst.items) else (None,) * len(lst.items)
         return {
-            "user_id": user_id, "source": latest.get("source", RETRAIN),
-            "model_version": latest["model_version"], "generated_at": latest["generated_at"],
-            "sale_event_id": latest.get("sale_event_id"),
+            "user_id": user_id, "source": lst.source,
+            "model_version": lst.model_version, "generated_at": lst.generated_at,
+            "serving": agg.state.serving, "sale_event_id": lst.sale_event_id,
             "items": [{"product_id": p, "score": s, "rank": i}
-                      for i, (p, s) in enumerate(latest["items"], 1)],
+                      for i, (p, s) in enumerate(zip(lst.items, scores, strict=True), 1)],
         }
     mv, items = cache.get(agg) if cache is not None else popular(agg)
     return {"user_id": user_id, "source": "popular", "model_version": mv, "items": items}
@@ -144,4 +177,5 @@ def register(app: Any, agg: Aggregation) -> None:
         if state.latest_model is None:
             return self.json({"ready": False, "reason": "no model yet"}, status=503)
         return self.json({"ready": True, "model_version": state.latest_model,
+                          "serving": state.serving,
                           "users_with_recommendations": state.latest_users})

@@ -6,7 +6,8 @@ needs), decodes each value with the topic's schema and hands batches to `Dashboa
 Topics that do not exist yet (say `feedback` before the aggregator first runs) are picked up by a
 metadata refresh every few seconds.
 
-While the result topics (model-ready, recommendations, graph-edges, feedback, sales.dlq) are
+While the result topics (model-ready, recommendations, recommendations-shadow, graph-edges,
+feedback, sales.dlq) are
 replayed, `sales` is paused, so the first page shows the current model within seconds even when
 `sales` holds millions of records; `sales` follows once they caught up (or after
 `SALES_PAUSE_MAX_S`).
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 TOPICS = (
     topics.MODEL_READY,
     topics.RECOMMENDATIONS,
+    topics.RECOMMENDATIONS_SHADOW,
     topics.GRAPH_EDGES,
     topics.FEEDBACK,
     topics.SALES_DLQ,
@@ -129,7 +131,7 @@ class Feed:
         ts_type, ts = msg.timestamp()
         meta = Meta(topic, msg.partition(), msg.offset(), ts if ts > 0 else int(time.time() * 1000))
         value = msg.value()
-        if value is None and topic == topics.RECOMMENDATIONS:
+        if value is None and topic in (topics.RECOMMENDATIONS, topics.RECOMMENDATIONS_SHADOW):
             return None  # a tombstone on the compacted topic: nothing to draw
         try:
             _, record = codec.decode(value, expect=expected_schema(topic))

@@ -21,6 +21,15 @@ The speed layer's lists: `recommendations` carries a retrain list per user and m
 both are counted by source. A fold-in's freshness is its record's Kafka timestamp (its arrival)
 minus the Kafka timestamp of the sale that caused it (`sale_timestamp`); the fold-ins that arrived
 in the last FRESHNESS_WINDOW_MS are kept (at most MAX_FRESHNESS) for p50/p95.
+
+The model lifecycle: each `model-ready` record says whether its version was promoted or rejected
+by the gate and which version serves once it is read (`serving`; 0 on a record written before
+the gate, which then names its own version). A manual promotion or rollback sends another record
+for an existing version: the last one read is that version's status, and the last record read
+overall names the version in service. A rejected challenger's lists go to
+`recommendations-shadow` (counted here, never drawn); the aggregator judges them on live sales
+and publishes their `feedback` under the challenger's version, so the challenger's online
+hit-rate shows beside the champion's (`shadow`).
 """
 
 from __future__ import annotations
@@ -119,6 +128,10 @@ class ModelSummary:
     metrics: dict[str, float]
     baseline: dict[str, float]
     sales_to_offsets: dict[int, int]  # partition -> last offset (inclusive) the model saw
+    status: str = topics.PROMOTED  # of the last model-ready record read for this version
+    status_reason: str = ""
+    champion_version: int | None = None  # the champion the gate compared it with
+    records: int = 1  # model-ready records read for it (a manual promotion adds one)
 
 
 def percentile(ordered: list[int], q: float) -> int:
@@ -146,6 +159,7 @@ class DashboardState:
         self.bad: Counter[str] = Counter()  # undecodable records per topic
         # models
         self.history: dict[int, ModelSummary] = {}
+        self.serving: int | None = None  # `serving` of the last model-ready record read
         # graph: the latest two versions
         self.graphs: dict[int, VersionGraph] = {}
         self.stale_edges = 0
@@ -167,6 +181,7 @@ class DashboardState:
         self._handlers = {
             topics.MODEL_READY: self._on_model,
             topics.RECOMMENDATIONS: self._on_recommendation,
+            topics.RECOMMENDATIONS_SHADOW: self._on_shadow,
             topics.GRAPH_EDGES: self._on_edge,
             topics.SALES: self._on_sale,
             topics.SALES_DLQ: self._on_dead_letter,
@@ -218,10 +233,17 @@ class DashboardState:
             for o in rec.get("offsets") or []
             if o.get("topic") == "sales"
         }
+        status = str(rec.get("status") or topics.PROMOTED)
+        serving = int(rec.get("serving") or 0)
+        self.serving = serving or (version if status == topics.PROMOTED else self.serving)
+        before = self.history.get(version)
+        gated = int(rec.get("champion_version") or 0) or None
         self.history[version] = ModelSummary(
             version=version,
             trained_at_ms=_ms(rec.get("trained_at")),
-            arrived_ms=meta.timestamp_ms,
+            # A version announced again (promoted by hand) keeps its first arrival: progress to
+            # the next model counts from when it was trained.
+            arrived_ms=before.arrived_ms if before else meta.timestamp_ms,
             trigger=str(rec.get("trigger", "")),
             events=int(rec.get("events", 0)),
             users=int(rec.get("users", 0)),
@@ -229,6 +251,10 @@ class DashboardState:
             metrics={k: float(v) for k, v in (rec.get("metrics") or {}).items()},
             baseline={k: float(v) for k, v in (rec.get("baseline_metrics") or {}).items()},
             sales_to_offsets=offsets,
+            status=status,
+            status_reason=str(rec.get("status_reason") or ""),
+            champion_version=gated or (before.champion_version if before else None),
+            records=before.records + 1 if before else 1,
         )
         while len(self.history) > MAX_HISTORY:
             del self.history[min(self.history)]
@@ -247,6 +273,11 @@ class DashboardState:
         while len(self.graphs) > 2:
             del self.graphs[min(self.graphs)]
         return g
+
+    def _on_shadow(self, rec: dict[str, Any], meta: Meta) -> None:
+        """A rejected challenger's list: counted, never drawn (it is not served)."""
+        self.lists_by_source["shadow"] += 1
+        self._bump(STREAM)
 
     def _on_recommendation(self, rec: dict[str, Any], meta: Meta) -> None:
         version = int(rec["model_version"])
@@ -387,7 +418,10 @@ class DashboardState:
                 "records": self.records,
                 "n": self._progress(),
                 "threshold": self.threshold,
-                "model": latest,
+                "model": latest,  # the newest trained, promoted or not
+                "serving": self.history.get(self.serving) if self.serving is not None else None,
+                "serving_version": self.serving,
+                "shadow": self._shadow(),
                 "models": len(self.history),
                 "graph_version": g.version if g else None,
                 "graph_edges": g.edges if g else 0,
@@ -465,6 +499,40 @@ class DashboardState:
         with self._lock:
             return [self.history[v] for v in sorted(self.history)]
 
+    def serving_version(self) -> int | None:
+        with self._lock:
+            return self.serving
+
+    def shadow(self) -> dict[str, Any] | None:
+        """The challenger in force against the champion, online: see `_shadow`."""
+        with self._lock:
+            return self._shadow()
+
+    def _shadow(self) -> dict[str, Any] | None:
+        """The newest rejected version newer than the one in service (its lists are judged in
+        shadow) and the one in service, each with its online hit-rate and sales judged (None
+        before any feedback); None without such a challenger."""
+        rejected = [v for v, m in self.history.items() if m.status == topics.REJECTED
+                    and (self.serving is None or v > self.serving)]
+        if not rejected:
+            return None
+        challenger = max(rejected)
+        out: dict[str, Any] = {"challenger": challenger, "champion": self.serving}
+        for role, v in (("challenger", challenger), ("champion", self.serving)):
+            figures = self._online(v) if v is not None else None
+            out[f"{role}_hit_rate"] = figures[0] if figures else None
+            out[f"{role}_sales"] = figures[1] if figures else 0
+        return out
+
+    def _online(self, version: int) -> tuple[float, int] | None:
+        """(hit-rate, sales) over the version's feedback windows."""
+        windows = self.feedback_windows.get(version)
+        if not windows:
+            return None
+        sales = sum(s for s, _ in windows.values())
+        hits = sum(h for _, h in windows.values())
+        return (hits / sales if sales else 0.0), sales
+
     def sales_rate(self, now_s: int, window_s: int = 120) -> tuple[list[int], list[int]]:
         """Valid sales per second (by Kafka timestamp) over the `window_s` full seconds before
         `now_s`; zeros where nothing arrived."""
@@ -483,7 +551,7 @@ class DashboardState:
             recent = sorted(f for at, f in self.freshness
                             if now_ms - FRESHNESS_WINDOW_MS < at <= now_ms)
             return {
-                "lists": {src: self.lists_by_source[src] for src in (RETRAIN, FOLD_IN)},
+                "lists": {src: self.lists_by_source[src] for src in (RETRAIN, FOLD_IN, "shadow")},
                 "fold_ins": len(recent),
                 "p50_ms": percentile(recent, 50) if recent else None,
                 "p95_ms": percentile(recent, 95) if recent else None,

@@ -51,6 +51,7 @@ from streams.feedback import (
     horizon_ms,
     recompute,
     recompute_by_source,
+    recompute_shadow,
     window_bounds,
 )
 from streams.tables import reason_label
@@ -225,6 +226,33 @@ def model_records(rng: random.Random) -> tuple[list, dict[str, list[Listing]]]:
     return recs + [(T.MODEL_READY, b"1", ready, T0)], lists
 
 
+SHADOW_AT = T0 + 1000  # a rejected challenger (v2): its lists judge every sale in shadow
+
+
+def shadow_records(rng: random.Random) -> tuple[list, dict[str, list[Listing]]]:
+    """A rejected challenger's lists for half the users (on recommendations-shadow) and its
+    model-ready (status rejected, v1 still serving)."""
+    lists = {f"u{i}": [Listing(2, SHADOW_AT, tuple(rng.sample(
+        [f"p{j}" for j in range(PRODUCTS)], K)))] for i in range(0, USERS, 2)}
+    recs = [(T.RECOMMENDATIONS_SHADOW, user.encode(), codec.encode("Recommendation", {
+        "id": f"2:{user}", "user_id": user, "model_version": 2, "generated_at": SHADOW_AT,
+        "items": [{"product_id": p, "score": 1.0 / r, "rank": r}
+                  for r, p in enumerate(ls[0].items, 1)]}), SHADOW_AT)
+        for user, ls in lists.items()]
+    return recs + [(T.MODEL_READY, b"2", model_ready(2, "rejected", 1), SHADOW_AT)], lists
+
+
+def model_ready(mv: int, status: str, serving: int, trigger: str = "threshold") -> bytes:
+    return codec.encode("ModelReady", {
+        "model_version": mv, "model_id": f"m{mv}", "trained_at": T0, "trigger": trigger,
+        "events": 1000, "users": USERS, "products": PRODUCTS, "offsets": [],
+        "params": {"rank": "8"}, "metrics": {"precision_at_k": 0.1, "rmse": 1.0},
+        "baseline_metrics": {"precision_at_k": 0.05}, "train_seconds": 1.0,
+        "cycle_seconds": 2.0, "model_path": f"/m/{mv}", "status": status, "serving": serving,
+        "status_reason": "test", "champion_version": 1 if mv > 1 else 0,
+        "champion_metrics": {}})
+
+
 def sales_records(rng: random.Random, first: int, minutes: range, per_minute: int) -> list:
     out = []
     i = first
@@ -245,8 +273,8 @@ def sales_records(rng: random.Random, first: int, minutes: range, per_minute: in
 # --- the recomputation ---------------------------------------------------------------------------
 
 
-def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int
-             ) -> dict[str, Any]:
+def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int,
+             shadow: dict[str, list[Listing]]) -> dict[str, Any]:
     seen: set[str] = set()
     rows = []
     for msg in read_all(settings, T.SALES):
@@ -278,6 +306,7 @@ def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int
                    "quantity": sum(r[3] for r in rows), "distinct_products": len(products)},
         "products": products, "minutes": sorted(minutes.items()), "feedback": feedback,
         "by_source": recompute_by_source(window, lists),
+        "shadow": recompute_shadow(window, lists, shadow)[2],
         "dead_letters": dict(reasons), "window_start": start,
     }
 
@@ -286,7 +315,8 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
     rng = random.Random(7)
     port = free_port()
     recs, lists = model_records(rng)
-    produce(settings, recs)
+    shadow_recs, shadow = shadow_records(rng)
+    produce(settings, recs + shadow_recs)
     worker = Worker(settings, port, tmp_path / "worker.log").start()
     try:
         worker.wait_for("/ready", lambda: worker.get("/ready")[0] == 200)
@@ -322,7 +352,7 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
         worker.wait_for("every sale", lambda: worker.stats()["sales"]["events"] >= total)
         time.sleep(2)  # anything counted twice would show up now
         stats = worker.stats()
-        want = expected(settings, lists, stats["ingest"]["stream_time"])
+        want = expected(settings, lists, stats["ingest"]["stream_time"], shadow)
 
         got_totals = {k: stats["sales"][k] for k in want["totals"]}
         assert got_totals == want["totals"], f"recovered {recovered} at restart"
@@ -333,7 +363,17 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
                                                                want["products"].values())
         assert [tuple(m) for m in stats["ingest"]["per_minute"]] == want["minutes"]
         assert stats["feedback_window"]["start"] == want["window_start"]
-        (model,) = stats["models"]
+        assert stats["serving"] == 1
+        model, challenger = (next(m for m in stats["models"] if m["model_version"] == v)
+                             for v in (1, 2))
+        assert (model["status"], model["serving"]) == ("promoted", True)
+        assert (challenger["status"], challenger["lists"]) == ("rejected", "shadow")
+        # The challenger's shadow lists, judged on the same sales as v1's.
+        got_shadow = stats["shadow"]
+        assert got_shadow["model_version"] == 2 and got_shadow["champion_version"] == 1
+        for role in ("challenger", "champion"):
+            assert got_shadow[role] == pytest.approx(want["shadow"][role]), role
+        assert got_shadow["sales"] > 0
         fb = model["feedback"]
         assert {k: fb[k] for k in want["feedback"]} == pytest.approx(want["feedback"])
         assert fb["offline_precision_at_k"] == 0.2 and fb["k"] == K
@@ -377,6 +417,28 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
         best = max(want["products"].items(), key=lambda kv: (kv[1][0], -int(kv[0][1:])))
         assert unknown["items"][0]["product_id"] in {
             p for p, v in want["products"].items() if v[0] == best[1][0]}
+
+        # v2 promoted by hand, then a rollback: v1's list republished for u3 (newly generated),
+        # and a model-ready for v1 (trigger manual) after it. The API answers v1's list again.
+        later = int(time.time() * 1000)
+        v2_u3 = codec.encode("Recommendation", {
+            "id": "2:u3", "user_id": "u3", "model_version": 2, "generated_at": later,
+            "items": [{"product_id": "p1", "score": 1.0, "rank": 1}], "source": "retrain"})
+        produce(settings, [(T.RECOMMENDATIONS, b"u3", v2_u3, later),
+                           (T.MODEL_READY, b"2", model_ready(2, "promoted", 2, "manual"), later)])
+        worker.wait_for("v2 in service", lambda: worker.get("/recommendations/u3")[1][
+            "model_version"] == 2)
+        republished = codec.encode("Recommendation", {
+            "id": "1:u3", "user_id": "u3", "model_version": 1, "generated_at": later + 1,
+            "items": [{"product_id": "p2", "score": 1.0, "rank": 1}], "source": "retrain"})
+        produce(settings, [(T.RECOMMENDATIONS, b"u3", republished, later + 1),
+                           (T.MODEL_READY, b"1", model_ready(1, "promoted", 1, "manual"),
+                            later + 1)])
+        back = worker.wait_for("the rollback", lambda: (lambda r: r if r["model_version"] == 1
+                               else None)(worker.get("/recommendations/u3")[1]))
+        assert [i["product_id"] for i in back["items"]] == ["p2"] and back["serving"] == 1
+        assert worker.stats()["serving"] == 1 or worker.wait_for(
+            "/stats serving v1", lambda: worker.stats()["serving"] == 1, timeout=5)
 
         assert worker.stop() == 0, worker.tail()
         # The sales reader committed everything it counted, under its own group.

@@ -35,7 +35,7 @@ from streams.csv_source import CsvSource
 
 pytestmark = pytest.mark.integration
 
-SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5,
+SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5, "promote_gate": False,
              "spark_shuffle_partitions": 2}
 T0 = datetime(2011, 3, 13, 9, 0, tzinfo=UTC)
 

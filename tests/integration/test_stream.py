@@ -42,7 +42,7 @@ from streams.producer import SalesProducer
 
 pytestmark = pytest.mark.integration
 
-SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5,
+SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5, "promote_gate": False,
              "spark_shuffle_partitions": 2}
 
 
@@ -51,7 +51,8 @@ def make_topics(settings: Settings, unique: str) -> Topics:
     prefix = f"t{unique}."
     used = [declared.topic(n) for n in (declared.SALES, declared.SALES_DLQ, declared.MODEL_READY,
                                         declared.RECOMMENDATIONS, declared.FEEDBACK,
-                                        declared.GRAPH_EDGES, declared.MODEL_FACTORS)]
+                                        declared.GRAPH_EDGES, declared.MODEL_FACTORS,
+                                        declared.RECOMMENDATIONS_SHADOW, declared.SPEED_STATE)]
     create_topics(settings, topics=used, names=renamed(prefix, topics=used))
     return Topics.with_prefix(prefix)
 

@@ -8,10 +8,12 @@ once."""
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from types import SimpleNamespace
 from typing import Any
 
+import fastavro
 import pytest
 
 from recsys import settings as settings_mod
@@ -23,9 +25,11 @@ from streams.feedback import (
     BUCKET_MS,
     FOLD_IN,
     Listing,
+    ServingTimeline,
     horizon_ms,
     recompute,
     recompute_by_source,
+    recompute_shadow,
 )
 from streams.tables import State, Tables
 
@@ -127,8 +131,8 @@ class LoggedTable(dict):
         super().__delitem__(key)
 
 
-NAMES = ("recs", "model_recs", "models", "sales_batches", "product_totals", "sales_rollup",
-         "dead_letters")
+NAMES = ("model_recs", "shadow_recs", "models", "sales_batches", "product_totals",
+         "sales_rollup", "dead_letters")
 
 
 def fake_tables(log: Log, restore: list[tuple] = ()) -> Tables:
@@ -231,8 +235,11 @@ def views_of(agg: Aggregation) -> dict[str, Any]:
     return {"totals": s.totals(), "products": s.products, "minutes": s.per_minute(),
             "window": {mv: counts(c) for mv, c in s.window.by_version.items()},
             "by_source": {src: counts(c) for src, c in s.window.by_source.items()},
-            "lists": agg.state.recs.by_user, "latest": dict(agg.tables.recs),
-            "latest_by_source": +agg.state.latest_by_source}
+            "shadow": {mv: counts(c) for mv, c in s.window.shadow.items()},
+            "shadow_champion": {mv: counts(c) for mv, c in s.window.shadow_champion.items()},
+            "lists": agg.state.recs.by_user, "shadow_lists": agg.state.shadow.by_user,
+            "latest": {u: views.recommendations(agg, u) for u in agg.state.recs.by_user},
+            "latest_by_source": agg.state.users_by_source(), "serving": agg.state.serving}
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -285,15 +292,198 @@ def test_duplicates_tombstones_and_bad_records(settings):
 
 
 def test_newest_list_wins_and_only_the_last_versions_are_kept(settings):
+    """Without a model-ready, the newest version's list wins; the versions kept are the most
+    recently published (a late fold-in under an old version does not keep it)."""
     agg, _ = aggregation(settings, Log())
     ev = lambda mv, g, off: event(rec_event("u1", mv, [f"p{mv}"], g), "recommendations", 0, off, g)  # noqa: E731
-    run(agg.on_recommendations([ev(2, T0 + 10, 0), ev(1, T0 + 20, 1)]))
-    assert agg.tables.recs["u1"]["model_version"] == 2  # v1 arrived later but is older
-    run(agg.on_recommendations([ev(3, T0 + 30, 2)]))  # keep 2: v1 is dropped
+    run(agg.on_recommendations([ev(1, T0 + 10, 0), ev(2, T0 + 20, 1),
+                                event(fold_in("u1", 1, ["q"], T0 + 25, "s1"), "recommendations",
+                                      0, 2, T0 + 25)]))
+    assert views.recommendations(agg, "u1")["model_version"] == 2  # the fold-in is older's
+    run(agg.on_recommendations([ev(3, T0 + 30, 3)]))  # keep 2: v1 is dropped
     assert sorted(agg.state.recs.versions) == [2, 3]
     assert sorted(agg.tables.model_recs) == ["2:u1", "3:u1"]
-    run(agg.on_recommendations([ev(1, T0 + 40, 3)]))  # older than every kept version
+    run(agg.on_recommendations([ev(1, T0 + 5, 4)]))  # a replay of v1's list: published before
     assert agg.state.counters["recommendations_stale"] == 1 and "1:u1" not in agg.tables.model_recs
+
+
+def model_ready(mv: int, status: str = "promoted", serving: int | None = None,
+                trigger: str = "threshold", champion: int = 0, v1: bool = False
+                ) -> dict[str, Any]:
+    """A ModelReady record; `v1`: as fastavro reads a record written before the gate (the new
+    fields at their defaults)."""
+    rec = {"model_version": mv, "model_id": f"m{mv}", "trained_at": T0 + mv, "trigger": trigger,
+           "events": 100, "event_time_min": None, "event_time_max": None, "offsets": [],
+           "users": 2, "products": 5, "params": {"rank": "8"},
+           "metrics": {"precision_at_k": 0.1 * mv}, "baseline_metrics": {"precision_at_k": 0.05},
+           "train_seconds": 1.0, "cycle_seconds": 2.0, "model_path": f"/m/{mv}",
+           "status": status, "serving": mv if serving is None else serving,
+           "status_reason": f"{status} by test", "champion_version": champion,
+           "champion_metrics": {"precision_at_k": 0.2} if champion else {}}
+    if v1:
+        rec.update(status="promoted", serving=0, status_reason="", champion_version=0,
+                   champion_metrics={})
+    return rec
+
+
+def test_v1_model_ready_records_read_as_promoted_and_serving(settings):
+    """A record written before the gate, decoded with today's schema (fastavro fills the
+    defaults: promoted, serving 0): its own version serves."""
+    agg, _ = aggregation(settings, Log())
+    run(agg.on_recovered())
+    old = {k: v for k, v in model_ready(1).items()
+           if k not in ("status", "serving", "status_reason", "champion_version",
+                        "champion_metrics")}
+    v1 = codec.history("ModelReady")[0]  # written before the gate: no status, no serving
+    assert "status" not in {f["name"] for f in v1.parsed["fields"]}
+    buf = io.BytesIO()
+    buf.write(v1.header)
+    fastavro.schemaless_writer(buf, v1.fast, old)
+    decoded = codec.decode(buf.getvalue())[1]
+    assert (decoded["status"], decoded["serving"]) == ("promoted", 0)
+    run(agg.on_models([event(decoded, "model-ready", 0, 0, T0 + 100)]))
+    assert agg.state.serving == 1 and agg.state.status(1) == "promoted"
+    s = views.stats(agg)
+    assert s["serving"] == 1 and s["models"][0]["status"] == "promoted"
+    assert s["models"][0]["serving"] is True
+
+
+def test_model_ready_records_of_one_version_the_last_read_is_its_status(settings):
+    """A rejected challenger, then promoted by hand (a second record for the same version),
+    then a rollback: the last record read says who serves; a replay changes nothing."""
+    agg, _ = aggregation(settings, Log())
+    run(agg.on_recovered())
+    recs = [model_ready(1), model_ready(2, "rejected", serving=1, champion=1),
+            model_ready(2, trigger="manual"), model_ready(1, trigger="manual")]
+    evs = [event(r, "model-ready", 0, i, T0 + 1000 * i) for i, r in enumerate(recs)]
+    run(agg.on_models(evs[:2]))
+    assert agg.state.serving == 1 and agg.state.status(2) == "rejected"
+    assert agg.state.models[2]["champion_version"] == 1
+    run(agg.on_models(evs[2:3]))
+    assert agg.state.serving == 2 and agg.state.status(2) == "promoted"
+    assert agg.state.models[2]["trigger"] == "manual"
+    run(agg.on_models(evs[3:]))
+    assert agg.state.serving == 1
+    assert [r["status"] for r in agg.state.models[2]["records"]] == ["rejected", "promoted"]
+    assert run(agg.on_models(evs)) == 0  # a replay: idempotent on the offsets
+    # Which version served when: the timeline that judges sales.
+    assert [agg.state.timeline.at(T0 + 1000 * i + 1) for i in range(4)] == [1, 1, 2, 1]
+    assert agg.state.timeline.at(T0 - 1) is None
+    stats = {m["model_version"]: m for m in views.stats(agg)["models"]}
+    assert stats[1]["serving"] and not stats[2]["serving"]
+    assert [r["trigger"] for r in stats[2]["status_history"]] == ["threshold", "manual"]
+    again, _ = aggregation(settings, Log(), restore=[
+        ("models", k, v) for k, v in agg.tables.models.items()])
+    run(again.on_recovered())
+    assert again.state.serving == 1 and again.state.models == agg.state.models
+    assert [again.state.timeline.at(T0 + 1000 * i + 1) for i in range(4)] == [1, 1, 2, 1]
+
+
+def test_read_api_answers_the_version_in_service_first_after_a_rollback(settings):
+    """v1 serves, v2 is promoted, then `recsys models rollback` republishes v1's lists (newly
+    generated) and says v1 serves: the API answers v1's list although v2 is newer; a fold-in
+    under v1 then replaces it; a user v1 does not know keeps v2's list."""
+    agg, _ = aggregation(settings, Log())
+    run(agg.on_recovered())
+    off = iter(range(100))
+
+    def lists(*recs: dict[str, Any]) -> None:
+        run(agg.on_recommendations([event(r, "recommendations", 0, next(off), r["generated_at"])
+                                    for r in recs]))
+
+    def ready(rec: dict[str, Any], ts: int) -> None:
+        run(agg.on_models([event(rec, "model-ready", 0, next(off), ts)]))
+
+    lists(rec_event("u1", 1, ["a"], T0))
+    ready(model_ready(1), T0 + 1)
+    lists(rec_event("u1", 2, ["b"], T0 + 10), rec_event("u2", 2, ["c"], T0 + 10))
+    ready(model_ready(2, champion=1), T0 + 11)
+    assert views.recommendations(agg, "u1")["model_version"] == 2
+    lists(rec_event("u1", 1, ["a2"], T0 + 20))  # the rollback's republished list ...
+    assert views.recommendations(agg, "u1")["model_version"] == 2  # ... v2 serves until ...
+    ready(model_ready(1, trigger="manual"), T0 + 21)  # ... model-ready says v1 does
+    got = views.recommendations(agg, "u1")
+    assert (got["model_version"], got["serving"], got["items"][0]["product_id"]) == (1, 1, "a2")
+    assert views.recommendations(agg, "u2")["model_version"] == 2  # unknown to v1
+    lists(fold_in("u1", 1, ["f"], T0 + 30, "s1"))  # the speed layer follows v1
+    assert views.recommendations(agg, "u1")["sale_event_id"] == "s1"
+    s = views.stats(agg)
+    assert s["serving"] == 1 and s["users_by_source"] == {"retrain": 1, FOLD_IN: 1}
+    # Sales are judged by who served when they arrived.
+    run(agg.on_sales([event(sale(i, "u1", p), "sales", 0, i, ts) for i, (ts, p) in
+                      enumerate([(T0 + 15, "b"), (T0 + 22, "a2"), (T0 + 31, "f")])]))
+    w = agg.state.sales.window
+    assert (w.counts(2).sales, w.counts(2).hits) == (1, 1)  # v2 served at T0+15
+    assert (w.counts(1).sales, w.counts(1).hits) == (2, 2)  # v1 after the rollback
+    # A third version with keep_models 2: v1 (serving, republished last) stays, v2 goes.
+    lists(rec_event("u1", 3, ["z"], T0 + 40))
+    assert sorted(agg.state.recs.versions) == [1, 3]
+    assert views.recommendations(agg, "u1")["model_version"] == 1  # until v3's model-ready
+    ready(model_ready(3, champion=1), T0 + 41)
+    assert views.recommendations(agg, "u1")["model_version"] == 3
+    # Rebuilt from the tables: the same answers.
+    again, _ = aggregation(settings, Log(), restore=[
+        (t.name, k, v) for t in agg.tables.__dict__.values() for k, v in t.items()])
+    run(again.on_recovered())
+    for user in ("u1", "u2"):
+        assert views.recommendations(again, user) == views.recommendations(agg, user)
+
+
+def test_shadow_lists_are_judged_on_the_same_sales_and_never_answered(settings):
+    """v1 serves; challenger v2 is rejected: its lists go to recommendations-shadow. Each sale
+    by a user with both lists counts for v1 (served) and for v2 (shadow); /stats puts both
+    side by side; the read API never answers a shadow list; both survive a restart."""
+    agg, sent = aggregation(settings, Log())
+    run(agg.on_recovered())
+    served = [rec_event("u1", 1, ["a", "b"]), rec_event("u2", 1, ["c"])]
+    shadow = [rec_event("u1", 2, ["b", "x"], T0 + 100), rec_event("u3", 2, ["y"], T0 + 100)]
+    run(agg.on_recommendations([event(r, "recommendations", 0, i, T0)
+                                for i, r in enumerate(served)]))
+    run(agg.on_models([event(model_ready(1), "model-ready", 0, 0, T0 + 1)]))
+    run(agg.on_shadow([event(r, "recommendations-shadow", 0, i, T0 + 100)
+                       for i, r in enumerate(shadow)]))
+    run(agg.on_models([event(model_ready(2, "rejected", serving=1, champion=1), "model-ready",
+                             0, 1, T0 + 101)]))
+    assert views.recommendations(agg, "u1")["model_version"] == 1
+    assert views.recommendations(agg, "u3")["source"] == "popular"  # shadow lists never served
+    rows = [(T0 + 50, "u1", "b", 1),    # before the shadow lists: v1 only, hit
+            (T0 + 200, "u1", "b", 1),   # both hit
+            (T0 + 201, "u1", "x", 1),   # shadow hit, served miss
+            (T0 + 202, "u1", "a", 1),   # served hit, shadow miss
+            (T0 + 203, "u2", "c", 1),   # no shadow list for u2: v1 only
+            (T0 + 204, "u3", "y", 1),   # no served list for u3: judged by neither
+            (T0 + 205, "u1", "q", -1)]  # a return
+    run(agg.on_sales([event(sale(i, u, p, q), "sales", 0, i, ts)
+                      for i, (ts, u, p, q) in enumerate(rows)]))
+    s = views.stats(agg)
+    want = recompute_shadow(
+        rows,
+        {"u1": [Listing(1, T0, ("a", "b"))], "u2": [Listing(1, T0, ("c",))]},
+        {"u1": [Listing(2, T0 + 100, ("b", "x"))], "u3": [Listing(2, T0 + 100, ("y",))]},
+        ServingTimeline([(T0 + 1, 1), (T0 + 101, 1)]))
+    assert s["shadow"]["challenger"] == want[2]["challenger"]
+    assert s["shadow"]["champion"] == want[2]["champion"]
+    assert s["shadow"]["model_version"] == 2 and s["shadow"]["champion_version"] == 1
+    assert s["shadow"]["sales"] == 3 and s["shadow"]["status"] == "rejected"
+    assert s["shadow"]["challenger"]["hits"] == 2 and s["shadow"]["champion"]["hits"] == 2
+    by_version = {m["model_version"]: m for m in s["models"]}
+    assert by_version[2]["lists"] == "shadow" and by_version[2]["status"] == "rejected"
+    assert by_version[1]["feedback"]["sales"] == 5 and by_version[1]["feedback"]["hits"] == 4
+    published = {r["model_version"]: r for r in run(agg.publish_feedback(now_ms=T0))}
+    assert (published[2]["sales"], published[2]["hits"]) == (3, 2)  # the challenger's own
+    assert (published[1]["sales"], published[1]["hits"]) == (5, 4)
+    again, _ = aggregation(settings, Log(), restore=[
+        (t.name, k, v) for t in agg.tables.__dict__.values() for k, v in t.items()])
+    run(again.on_recovered())
+    assert views_of(again) == views_of(agg)
+    # The challenger promoted by hand: its lists are republished on recommendations; from then
+    # on its shadow lists no longer count (a sale counts once per version).
+    run(agg.on_recommendations([event(rec_event("u1", 2, ["b", "x"], T0 + 300),
+                                      "recommendations", 0, 5, T0 + 300)]))
+    run(agg.on_models([event(model_ready(2, trigger="manual"), "model-ready", 0, 2, T0 + 301)]))
+    run(agg.on_sales([event(sale(20, "u1", "x"), "sales", 0, 20, T0 + 400)]))
+    assert agg.state.sales.window.shadow_counts(2)[0].sales == 3
+    assert agg.state.sales.window.by_version[2].hits == 1
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -318,8 +508,17 @@ def test_a_worker_killed_anywhere_and_replayed_counts_each_sale_once(settings, s
         events.sort(key=lambda e: e.message.timestamp // 60)
     dead = [event({"stage": "produce", "reason": f"r{i % 2}: x"}, "sales.dlq", 0, i, T0)
             for i in range(5)]
+    # A rejected challenger (v2): its shadow lists judge the sales from minute 3 on.
+    shadow = [event(rec_event(u, 2, items[::-1] + ["x"], T0 + 3 * BUCKET_MS),
+                    "recommendations-shadow", 0, i, T0 + 3 * BUCKET_MS)
+              for i, (u, items) in enumerate(LISTS.items())]
+    models = [event(model_ready(1), "model-ready", 0, 0, T0),
+              event(model_ready(2, "rejected", serving=1, champion=1), "model-ready", 0, 1,
+                    T0 + 3 * BUCKET_MS)]
 
     async def full(agg: Aggregation) -> None:
+        await agg.on_models(models)
+        await agg.on_shadow(shadow)
         await agg.on_recommendations(recs)
         await agg.on_dead_letters(dead[:3])
         await feed(agg, events, batch=rng.randint(1, 5))
@@ -337,7 +536,7 @@ def test_a_worker_killed_anywhere_and_replayed_counts_each_sale_once(settings, s
     run(restarted.on_recovered())
     run(full(restarted))
     assert views_of(restarted) == want
-    assert set(want["by_source"]) == {"retrain", FOLD_IN}
+    assert set(want["by_source"]) == {"retrain", FOLD_IN} and set(want["shadow"]) == {2}
     assert restarted.state.dead_letters.totals() == reference.state.dead_letters.totals()
     # And the recovered-then-replayed tables rebuild to the same views once more.
     again, _ = aggregation(settings, Log(), restore=[
@@ -400,8 +599,7 @@ def test_read_api_answers_the_freshest_list(settings):
     assert agg.state.counters["recommendations_fold-in"] == 3
     # The same after a restart: the views come back from the tables.
     again, _ = aggregation(settings, Log(), restore=[
-        (name, k, v) for name in ("recs", "model_recs") for k, v in
-        getattr(agg.tables, name).items()])
+        ("model_recs", k, v) for k, v in agg.tables.model_recs.items()])
     run(again.on_recovered())
     assert views.recommendations(again, "u1") == views.recommendations(agg, "u1")
     assert again.state.recs.by_user == agg.state.recs.by_user
@@ -491,9 +689,11 @@ def test_agents_in_faust_test_context(settings):
     # u1: a (hit), a (hit), x; u2: d (hit); u3 had no list.
     assert (counts.sales, counts.hits, counts.n_users, counts.hit_pairs) == (4, 3, 2, 2)
     assert aggregator.state.counters["sales_duplicate"] == 1
-    assert aggregator.tables.recs["u2"]["items"] == [["c", 1.0], ["d", 0.5]]
+    assert [(i["product_id"], i["score"]) for i in
+            views.recommendations(aggregator.aggregation, "u2")["items"]] == [("c", 1.0),
+                                                                              ("d", 0.5)]
     written = {(e[0], e[1]) for e in changelog if e[0] not in ("flush", "commit")}
-    assert ("recs", "u1") in written and ("model_recs", "1:u2") in written
+    assert ("model_recs", "1:u1") in written and ("model_recs", "1:u2") in written
     assert any(name == "sales_batches" for name, _ in written)
     assert changelog[-2:] == [Log.FLUSH, ("commit", {("sales", 0): 6})]
 

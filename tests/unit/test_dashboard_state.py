@@ -255,7 +255,7 @@ def test_lists_by_source_and_fold_in_freshness_over_the_last_minute():
                 meta(topics.RECOMMENDATIONS, offset=i, ts=at))
     s.apply(fold_in(0, "u1", ["P9"], T0, "stale"), meta(topics.RECOMMENDATIONS, ts=T0))
     speed = s.speed(T0 + 20_000)
-    assert speed["lists"] == {"retrain": 4, "fold-in": 22}  # an older version's list too
+    assert speed["lists"] == {"retrain": 4, "fold-in": 22, "shadow": 0}  # an older version's list too
     # The minute (T0 - 40 s, T0 + 20 s]: the 20 fold-ins and the stale one (0 ms).
     assert speed["fold_ins"] == 21
     assert (speed["p50_ms"], speed["p95_ms"]) == (100, 190)  # nearest rank: 11th, 20th of 21
@@ -354,3 +354,110 @@ def test_the_document_builds_and_draws_the_shared_state(monkeypatch):
     assert "Model v1" in doc.get_model_by_name("banner").text
     assert "3 retrain · 0 fold-in" in doc.get_model_by_name("speed").text
     assert len(doc.session_callbacks) == 1  # the periodic redraw
+
+
+# --- the model lifecycle: promoted, rejected, in service, shadow -----------------------------------
+
+
+def gated(version: int, status: str, serving: int, trigger: str = "threshold",
+          champion: int = 0) -> dict:
+    """A ModelReady v2 record."""
+    return {**model(version, precision_at_k=0.1 * version), "trigger": trigger,
+            "status": status, "serving": serving, "status_reason": f"{status}: p@10 figures",
+            "champion_version": champion, "champion_metrics": {}}
+
+
+def feedback(version: int, sales: int, hits: int) -> dict:
+    return {"model_version": version, "window_start": T0, "window_end": T0 + 60_000,
+            "sales": sales, "hits": hits, "hit_rate": hits / sales, "precision_at_k": 0.1}
+
+
+def test_v1_records_read_as_promoted_and_serving():
+    """A record written before the gate reads with status promoted and serving 0 (fastavro's
+    defaults): its own version serves."""
+    s = DashboardState(threshold=10)
+    s.apply({**model(1), "status": "promoted", "serving": 0}, meta(topics.MODEL_READY))
+    s.apply(model(2), meta(topics.MODEL_READY, 1))  # no status field at all
+    assert s.serving_version() == 2
+    assert [m.status for m in s.model_history()] == ["promoted", "promoted"]
+    assert s.shadow() is None
+
+
+def test_rejected_challenger_manual_promotion_and_rollback():
+    """v1 serves; v2 is rejected (v1 still serves, v2's shadow hit-rate beside v1's); v2 is
+    promoted by hand (a second record for v2); a rollback puts v1 back (a second record for
+    v1): the last record read is each version's status and says who serves."""
+    s = DashboardState(threshold=10)
+    s.apply(gated(1, "promoted", 1), meta(topics.MODEL_READY, 0, ts=T0))
+    s.apply(gated(2, "rejected", 1, champion=1), meta(topics.MODEL_READY, 1, ts=T0 + 5))
+    assert s.serving_version() == 1
+    assert [(m.version, m.status) for m in s.model_history()] == [(1, "promoted"),
+                                                                  (2, "rejected")]
+    assert s.shadow() == {"challenger": 2, "champion": 1, "challenger_hit_rate": None,
+                          "challenger_sales": 0, "champion_hit_rate": None, "champion_sales": 0}
+    s.apply(feedback(1, 40, 4), meta(topics.FEEDBACK))
+    s.apply(feedback(2, 20, 3), meta(topics.FEEDBACK))  # the challenger's shadow lists
+    sh = s.shadow()
+    assert (sh["challenger_hit_rate"], sh["challenger_sales"]) == (pytest.approx(0.15), 20)
+    assert (sh["champion_hit_rate"], sh["champion_sales"]) == (pytest.approx(0.1), 40)
+    st = s.status()
+    assert st["model"].version == 2 and st["serving"].version == 1
+    text = banner_html(st, 10)
+    assert "Model v1</b> serving" in text and "newest v2 rejected" in text
+    assert "challenger v2 online hit-rate 0.1500 (20 sales) vs v1 in service 0.1000" in text
+    s.apply(gated(2, "promoted", 2, trigger="manual"), meta(topics.MODEL_READY, 2, ts=T0 + 9))
+    assert s.serving_version() == 2 and s.shadow() is None
+    v2 = s.model_history()[1]
+    assert (v2.status, v2.trigger, v2.records, v2.champion_version) == ("promoted", "manual",
+                                                                       2, 1)
+    assert v2.arrived_ms == T0 + 5  # progress counts from when it was trained
+    s.apply(gated(1, "promoted", 1, trigger="manual"), meta(topics.MODEL_READY, 3))
+    assert s.serving_version() == 1
+    assert s.status()["serving"].version == 1
+    assert "Model v1</b> serving" in banner_html(s.status(), 10)
+
+
+def test_history_panel_marks_status_and_the_version_in_service():
+    from visualizer.panels.history import HistoryPanel
+
+    s = DashboardState(threshold=10)
+    s.apply(gated(1, "promoted", 1), meta(topics.MODEL_READY, 0))
+    s.apply(gated(2, "rejected", 1, champion=1), meta(topics.MODEL_READY, 1))
+    s.apply(gated(3, "promoted", 3, champion=1), meta(topics.MODEL_READY, 2))
+    panel = HistoryPanel(10)
+    panel.refresh(s)
+    data = panel.source.data
+    assert data["status"] == ["promoted", "rejected", "promoted"]
+    assert data["serving"] == ["", "", "(serving)"]
+    assert panel.serving.data["version"] == [3]
+    assert panel.rank.title.text.endswith("serving: v3 · 1 rejected")
+    s.apply(gated(1, "promoted", 1, trigger="manual"), meta(topics.MODEL_READY, 3))  # rollback
+    panel.refresh(s)
+    assert panel.serving.data["version"] == [1]
+    assert panel.source.data["trigger"][0] == "manual"
+    assert "serving: v1" in panel.rmse.title.text
+
+
+def test_shadow_lists_are_counted_not_drawn():
+    s = DashboardState(threshold=10)
+    s.apply(rec(1, "u1", ["P1"]), meta(topics.RECOMMENDATIONS))
+    s.apply(rec(2, "u1", ["P9"]), meta(topics.RECOMMENDATIONS_SHADOW))
+    assert s.versions() == (1, None)
+    speed = s.speed(T0)
+    assert speed["lists"] == {"retrain": 1, "fold-in": 0, "shadow": 1}
+    assert "1 shadow" in speed_html(speed)
+
+
+def test_the_demo_summary_shows_each_models_status_and_which_serves():
+    from recsys.demo import model_statuses
+
+    old = {k: v for k, v in model(1).items()}  # before the gate: no status, no serving
+    records = [old, gated(2, "rejected", 1, champion=1), gated(3, "promoted", 3, champion=1),
+               gated(2, "promoted", 2, trigger="manual")]
+    rows, serving = model_statuses(records)
+    assert [(r["model_version"], r["status"], r["trigger"]) for r in rows] == [
+        (1, "promoted", "threshold"), (2, "promoted", "manual"), (3, "promoted", "threshold")]
+    assert serving == 2
+    rows, serving = model_statuses(records[:2])
+    assert [r["status"] for r in rows] == ["promoted", "rejected"] and serving == 1
+    assert model_statuses([gated(1, "rejected", 0)])[1] is None  # a first model rejected

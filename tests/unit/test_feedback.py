@@ -13,12 +13,16 @@ from streams.feedback import (
     FOLD_IN,
     FeedbackWindow,
     Listing,
+    ServingTimeline,
+    choose,
     feedback_record,
     horizon_ms,
     in_force,
     match,
     newer,
     recompute,
+    recompute_shadow,
+    shadow_in_force,
     to_ms,
     window_bounds,
 )
@@ -28,6 +32,7 @@ from streams.tables import (
     RecommendationState,
     SalesState,
     reason_label,
+    serving_of,
 )
 
 pytestmark = pytest.mark.unit
@@ -240,3 +245,61 @@ def test_dead_letters_count_once_per_offset():
     assert not DeadLetterState.count(rec, 1, "produce", "no customer id: row 9")  # replay
     assert rec["reasons"] == {"produce: no customer id": 2} and rec["total"] == 2
     assert reason_label("", "") == "unknown"
+
+
+# --- the version in service, shadow lists -------------------------------------------------------
+
+
+def test_the_serving_version_is_chosen_first_then_the_newest():
+    """A rollback to v1 republishes its list (generated after v2's): with v1 in service it
+    wins; without a serving version (no model-ready read yet) the newest model does."""
+    republished = Listing(1, T0 + 20 * BUCKET_MS, ("r",))
+    fold = Listing(1, T0 + 21 * BUCKET_MS, ("f",), FOLD_IN, "s1")
+    lists = [V1, V2, republished]
+    assert choose(lists, serving=None) == V2
+    assert choose(lists, serving=2) == V2
+    assert choose(lists, serving=1) == republished
+    assert choose([*lists, fold], serving=1) == fold  # the speed layer follows v1
+    assert choose([V2], serving=1) == V2  # a user v1 does not know keeps v2's list
+    # In force at a sale's arrival: generated before it, by who served then.
+    assert in_force(lists, T0 + 15 * BUCKET_MS, serving=1) == V1
+    assert in_force(lists, T0 + 25 * BUCKET_MS, serving=1) == republished
+    assert newer(V1, V2, serving=1) and not newer(V1, V2)
+
+
+def test_serving_timeline_and_old_records():
+    timeline = ServingTimeline([(T0 + 10, 2), (T0, 1), (T0 + 20, 1)])
+    assert [timeline.at(t) for t in (T0 - 1, T0, T0 + 15, T0 + 20)] == [None, 1, 2, 1]
+    assert serving_of(3, "promoted", 0) == 3  # a v1 record (serving defaults to 0)
+    assert serving_of(3, "rejected", 2) == 2
+    assert serving_of(1, "rejected", 0) is None  # a first model rejected: none serves
+
+
+def test_shadow_lists_are_judged_on_the_same_sales_as_the_served_ones():
+    served = Listing(1, T0, ("a", "b"))
+    challenger = Listing(2, T0 + BUCKET_MS, ("b", "c"))
+    assert shadow_in_force([challenger], served, T0 + 5) is None  # not generated yet
+    assert shadow_in_force([challenger], None, T0 + 2 * BUCKET_MS) is None  # nothing to compare
+    assert shadow_in_force([challenger], served, T0 + 2 * BUCKET_MS) == challenger
+    promoted = Listing(2, T0 + 3 * BUCKET_MS, ("b", "c"))  # the challenger promoted by hand
+    assert shadow_in_force([challenger], promoted, T0 + 4 * BUCKET_MS) is None
+    m = match([served], "c", T0 + 2 * BUCKET_MS, serving=1, shadows=[challenger])
+    assert (m.model_version, m.hit, m.shadow_version, m.shadow_hit) == (1, False, 2, True)
+    t = T0 + 2 * BUCKET_MS
+    rows = [(t, "u1", "a", 1), (t + 1, "u1", "b", 1), (t + 2, "u1", "c", 1),
+            (t + 3, "u1", "c", -1), (t + 4, "u2", "a", 1)]
+    got = recompute_shadow(rows, {"u1": [served], "u2": [served]}, {"u1": [challenger]})
+    assert got[2]["challenger"] == {"sales": 3, "users": 1, "hits": 2, "hit_pairs": 2,
+                                    "hit_rate": 2 / 3}
+    assert got[2]["champion"] == {"sales": 3, "users": 1, "hits": 2, "hit_pairs": 2,
+                                  "hit_rate": 2 / 3}
+    # Added and removed (a minute leaving the window), the window is empty again.
+    w = FeedbackWindow()
+    w.add(1, "u1", "a", 1, True, shadow_version=2, shadow_hit=False)
+    w.add(1, "u1", "c", 1, False, shadow_version=2, shadow_hit=True)
+    assert w.versions() == [1, 2]
+    assert (w.counts(2).sales, w.counts(2).hits) == (2, 1)  # the challenger's own
+    assert (w.shadow_counts(2)[1].sales, w.shadow_counts(2)[1].hits) == (2, 1)
+    w.remove(1, "u1", "a", 1, True, shadow_version=2, shadow_hit=False)
+    w.remove(1, "u1", "c", 1, False, shadow_version=2, shadow_hit=True)
+    assert (w.by_version, w.shadow, w.shadow_champion, w.by_source) == ({}, {}, {}, {})

@@ -21,8 +21,10 @@ TRAINING = " — threshold reached, training"
 
 def speed_html(speed: dict) -> str:
     lists = speed["lists"]
-    text = (f"<b>lists:</b> {lists['retrain']:,} retrain · {lists['fold-in']:,} fold-in "
-            "&nbsp; <b>fold-in freshness</b> (last minute): ")
+    shadow = lists.get("shadow", 0)
+    text = (f"<b>lists:</b> {lists['retrain']:,} retrain · {lists['fold-in']:,} fold-in"
+            + (f" · {shadow:,} shadow (a rejected challenger's, not served)" if shadow else "")
+            + " &nbsp; <b>fold-in freshness</b> (last minute): ")
     if not speed["fold_ins"]:
         return text + "no fold-in"
     return text + (f"p50 {speed['p50_ms']:,} ms · p95 {speed['p95_ms']:,} ms "

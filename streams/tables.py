@@ -42,6 +42,7 @@ librdkafka (sales) and Spark (recommendations) do not do by default.
 from __future__ import annotations
 
 import bisect
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -378,8 +379,12 @@ class SalesState:
         merged.update(self.minutes)
         return [[b, merged[b]] for b in sorted(merged)[-MAX_MINUTES:]]
 
-    def top_products(self, n: int) -> list[dict[str, Any]]:
-        top = sorted(self.products.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+    def top_products(self, n: int, not_product: str = "") -> list[dict[str, Any]]:
+        """The most sold products; codes matching `not_product` (settings.non_product_pattern:
+        postage, fees...) are left out."""
+        skip = re.compile(not_product).match if not_product else None
+        ranked = sorted(self.products.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        top = [kv for kv in ranked if skip is None or not skip(kv[0])][:n]
         return [{"product_id": p, "sales": s, "returns": r, "quantity": q}
                 for p, (s, r, q) in top]
 

@@ -96,7 +96,7 @@ def stats(agg: Aggregation) -> dict[str, Any]:
         "feedback_by_source": {src: source_figures(sales.window.source_counts(src))
                                for src in SOURCES},
         "sales": sales.totals(),
-        "top_products": sales.top_products(TOP),
+        "top_products": sales.top_products(TOP, agg.settings.non_product_pattern),
         "feedback_window": {"start": start, "end": end, "horizon_ms": sales.horizon},
         "ingest": {
             "per_minute": minutes,
@@ -129,7 +129,8 @@ def popular(agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
     stats_ = agg.state.recs.versions.get(mv) if mv is not None else None
     n = stats_.k if stats_ and stats_.k else agg.settings.top_n
     items = [{"product_id": t["product_id"], "sales": t["sales"], "rank": i}
-             for i, t in enumerate(agg.state.sales.top_products(n), 1)]
+             for i, t in enumerate(agg.state.sales.top_products(
+                 n, agg.settings.non_product_pattern), 1)]
     if not items and mv is not None:  # no sales yet: the products the model shows most
         items = [{"product_id": t["product_id"], "users": t["users"], "rank": i}
                  for i, t in enumerate(agg.state.recs.top_recommended(mv, n), 1)]

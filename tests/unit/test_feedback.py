@@ -303,3 +303,16 @@ def test_shadow_lists_are_judged_on_the_same_sales_as_the_served_ones():
     w.remove(1, "u1", "a", 1, True, shadow_version=2, shadow_hit=False)
     w.remove(1, "u1", "c", 1, False, shadow_version=2, shadow_hit=True)
     assert (w.by_version, w.shadow, w.shadow_champion, w.by_source) == ({}, {}, {}, {})
+
+
+def test_codes_that_are_not_products_stay_out_of_the_top_products():
+    from streams.tables import SalesState
+
+    s = SalesState(900)
+    s.products.update({"POST": [50, 0, 50], "85123A": [10, 0, 30], "M": [9, 1, 8],
+                       "22423": [5, 0, 5]})
+    from recsys.settings import load
+
+    pattern = load().non_product_pattern
+    assert [t["product_id"] for t in s.top_products(2, pattern)] == ["85123A", "22423"]
+    assert [t["product_id"] for t in s.top_products(2)] == ["POST", "85123A"]

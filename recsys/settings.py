@@ -341,5 +341,6 @@ def markdown_table() -> str:
         shown = "" if default is None else str(default)
         if isinstance(default, list) and default:  # as the variable is written
             shown = ",".join(str(x) for x in default)
+        shown = shown.replace("|", "\\|")  # a pipe would end the table's cell
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description} |")
     return "\n".join(rows)

@@ -15,9 +15,10 @@ Commit order of one batch (the sales that the client has already fetched, at mos
    -> `recommendations`
 3. every touched user's state -> `speed-state` (same partition as the sale)
 4. flush: wait for the broker's acks of 2 and 3
-5. commit the input offsets. A crash before 5 replays the batch: the states written in 3 say
-   which records were applied already, so nothing counts twice; a crash before 3 loses nothing
-   (the batch runs again in full).
+5. commit the input offsets, asynchronously (the next batch does not wait for the round trip).
+   A crash before 5 is done replays the batch: the states written in 3 say which records were
+   applied already, so nothing counts twice; a crash before 3 loses nothing (the batch runs
+   again in full).
 
 A new model is switched to only when all its chunks arrived (schemas/factors.py), between two
 batches, so no list mixes versions; the users whose last sale is past the offsets the new model
@@ -29,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 GROUP = "recsys-speed"
 PROGRESS_SECONDS = 10.0
+# Users' normal equations kept between sales (foldin.Normal: rank² floats each, 8 KB at rank 32),
+# the most recently active first; a user beyond this is summed again from the state on a sale.
+NORMALS_BYTES = 256 * 1024 * 1024
 RESTORE_TIMEOUT = 600.0  # reading a changelog partition to its end
 
 
@@ -107,6 +112,7 @@ class SpeedLayer:
         self.group = group
         self.states: dict[str, UserState] = {}
         self.model: foldin.Model | None = None
+        self.normals: OrderedDict[str, foldin.Normal] = OrderedDict()  # of self.model, LRU
         self.assembler = factors.Assembler()
         self.counts: Counter[str] = Counter()
         self.producer = Producer(kafka.producer_config(settings, **{"linger.ms": 1}))
@@ -116,6 +122,8 @@ class SpeedLayer:
         self._encode_rec = codec.Encoder("Recommendation")
         self._encode_state = codec.Encoder("SpeedState")
         self._errors: list[str] = []
+        pattern = settings.non_product_pattern
+        self._not_product = re.compile(pattern) if pattern else None
         self._last_progress = time.monotonic()
         self._progress_counts: Counter[str] = Counter()
 
@@ -171,14 +179,15 @@ class SpeedLayer:
         """Switch to a newly complete model, then fold in again, under it, every user whose
         last sale came after the offsets it was trained on."""
         done, self._complete = self._complete, None
-        if done is None or (self.model is not None and done.model_version <= self.model.version):
-            return
+        if done is None or (self.model is not None and done.model_version == self.model.version):
+            return  # nothing new, or the same version published again (a cycle re-run)
         try:
             model = foldin.Model(done)
         except ValueError as exc:
             log.error("model %d cannot be folded in with: %s", done.model_version, exc)
             return
         self.model = model
+        self.normals.clear()
         stale = newer_than_model(self.states.values(), done, self.topics.sales)
         self._publish(stale)
         self._flush()
@@ -199,6 +208,8 @@ class SpeedLayer:
         self._flush()
         gone = {p.partition for p in partitions}
         self.states = {u: s for u, s in self.states.items() if s.partition not in gone}
+        for user in [u for u in self.normals if u not in self.states]:
+            del self.normals[user]
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     def _restore(self, partitions: list[int]) -> None:
@@ -223,6 +234,7 @@ class SpeedLayer:
                     if m.value() is not None:
                         state = UserState.of(codec.decode(m.value(), expect="SpeedState")[1])
                         self.states[state.user_id] = state
+                        self.normals.pop(state.user_id, None)
                     if m.offset() + 1 >= ends[m.partition()]:
                         left.discard(m.partition())
         finally:
@@ -279,6 +291,9 @@ class SpeedLayer:
                 self.counts["bad"] += 1
                 log.debug("%s[%d]@%d: skipped: %s", m.topic(), m.partition(), m.offset(), exc)
                 continue
+            if self._not_product is not None and self._not_product.match(sale["product_id"]):
+                self.counts["not_a_product"] += 1  # postage, fees...: never in a list
+                continue
             user = sale["user_id"]
             state = self.states.get(user)
             if state is None:
@@ -287,7 +302,11 @@ class SpeedLayer:
             self.counts[outcome] += 1
             if outcome == APPLIED:
                 touched[user] = state
-                if self.model is not None and sale["product_id"] not in self.model.index:
+                product = sale["product_id"]
+                normal = self.normals.get(user)
+                if normal is not None:
+                    normal.update(product, state.quantities.get(product, 0))
+                if self.model is not None and product not in self.model.index:
                     self.counts["unknown_product"] += 1
         fresh = [] if self.model is None else newer_than_model(
             touched.values(), self.model.factors, self.topics.sales)
@@ -300,7 +319,7 @@ class SpeedLayer:
             from confluent_kafka import TopicPartition
 
             self.sales.commit(offsets=[TopicPartition(self.topics.sales, p, o + 1)
-                                       for p, o in last.items()], asynchronous=False)
+                                       for p, o in last.items()], asynchronous=True)
         self.counts["sales"] += len(messages)
 
     def _publish(self, states: list[UserState]) -> None:
@@ -308,8 +327,8 @@ class SpeedLayer:
             return
         model, now = self.model, datetime.now(UTC)
         for folded, state in zip(
-            foldin.fold_many(model, ((s.user_id, s.quantities) for s in states),
-                             self.settings.top_n, self.settings.filter_bought),
+            foldin.fold_normals(model, ((s.user_id, self._normal(s)) for s in states),
+                                self.settings.top_n, self.settings.filter_bought),
             states, strict=True,
         ):
             if not folded.items:  # nothing the model knows bought: the list in force stays
@@ -318,6 +337,19 @@ class SpeedLayer:
             self._produce(self.topics.recommendations, folded.user_id,
                           self._encode_rec(recommendation(model, folded, state, now)))
             self.counts["lists"] += 1
+
+    def _normal(self, state: UserState) -> foldin.Normal:
+        """The user's normal equations under the current model: kept, or summed from the state
+        (then kept; the least recently used dropped beyond NORMALS_BYTES)."""
+        assert self.model is not None
+        normal = self.normals.get(state.user_id)
+        if normal is None:
+            normal = self.normals[state.user_id] = foldin.Normal(self.model, state.quantities)
+            while len(self.normals) > NORMALS_BYTES // (8 * self.model.rank ** 2):
+                self.normals.popitem(last=False)
+        else:
+            self.normals.move_to_end(state.user_id)
+        return normal
 
     def _produce(self, topic: str, key: str, value: bytes, partition: int | None = None) -> None:
         kwargs = {} if partition is None else {"partition": partition}
@@ -349,12 +381,12 @@ class SpeedLayer:
         self._progress_counts, self._last_progress = self.counts.copy(), now
         log.info(
             "progress: %.0f sales/s, %.0f lists/s (model %s); totals: %d sales, %d applied, "
-            "%d replayed, %d duplicate, %d bad, %d lists, %d sales of products the model does "
-            "not know yet, %d users", delta["sales"] / seconds, delta["lists"] / seconds,
-            self.model.version if self.model else "none", self.counts["sales"],
-            self.counts["applied"], self.counts["replayed"], self.counts["duplicate"],
-            self.counts["bad"], self.counts["lists"], self.counts["unknown_product"],
-            len(self.states),
+            "%d replayed, %d duplicate, %d bad, %d not a product, %d lists, %d sales of "
+            "products the model does not know yet, %d users", delta["sales"] / seconds,
+            delta["lists"] / seconds, self.model.version if self.model else "none",
+            self.counts["sales"], self.counts["applied"], self.counts["replayed"],
+            self.counts["duplicate"], self.counts["bad"], self.counts["not_a_product"],
+            self.counts["lists"], self.counts["unknown_product"], len(self.states),
         )
 
     def close(self) -> None:

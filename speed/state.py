@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 APPLIED, REPLAYED, DUPLICATE = "applied", "replayed", "duplicate"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -56,7 +58,8 @@ class UserState:
         return {
             "user_id": self.user_id,
             "quantities": dict(self.quantities),
-            "event_hashes": b"".join(h.to_bytes(8, "little") for h in self.hashes),
+            # one C loop: a Python join of to_bytes cost ~0.1 ms per 1,000 events of the user
+            "event_hashes": np.fromiter(self.hashes, "<u8", len(self.hashes)).tobytes(),
             "partition": self.partition,
             "offset": self.offset,
             "event_id": self.event_id,
@@ -66,7 +69,7 @@ class UserState:
     @classmethod
     def of(cls, record: dict[str, Any]) -> UserState:
         raw = record["event_hashes"]
-        hashes = {int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)}
+        hashes = set(np.frombuffer(raw, "<u8").tolist())
         ts = record["sale_timestamp"]
         ms = int((ts - _EPOCH).total_seconds() * 1000) if isinstance(ts, datetime) else int(ts)
         return cls(record["user_id"], {k: int(v) for k, v in record["quantities"].items()},

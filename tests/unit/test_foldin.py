@@ -243,3 +243,20 @@ def test_normal_equations_kept_sale_by_sale_equal_a_solve_from_scratch(mode):
         np.testing.assert_allclose(got.vector, want.vector, rtol=1e-5, atol=1e-6)
         assert [p for p, _ in got.items] == [p for p, _ in want.items]
         assert got.unknown_products == want.unknown_products
+
+
+def test_ranking_a_large_catalogue_in_two_steps_finds_the_true_top():
+    m = model(products=5000, rank=8)
+    rng = np.random.default_rng(3)
+    users = [(f"u{k}", {f"p{i}": 1 for i in rng.choice(5000, 30, replace=False)})
+             for k in range(40)]
+    for (user, quantities), got in zip(users, foldin.fold_many(m, users, 10), strict=True):
+        scores = m.factors.item_factors @ got.vector
+        scores[[m.index[p] for p in quantities]] = -np.inf
+        assert [p for p, _ in got.items] == [f"p{i}" for i in np.argsort(-scores)[:10]], user
+
+
+def test_a_user_who_bought_almost_everything_gets_what_is_left():
+    m = model(products=6)
+    folded = foldin.fold_many(m, [("u", {f"p{i}": 1 for i in range(5)})], 10)[0]
+    assert [p for p, _ in folded.items] == ["p5"]

@@ -227,6 +227,14 @@ class Settings(BaseSettings):
         description="Most sales the speed layer folds in per batch (it takes what the client has "
         "fetched, never waits for more); each touched user is solved once per batch.",
     )
+    speed_commit_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How often the speed layer writes the states of the users it touched to "
+        "speed-state and commits its input offsets (0: after every batch). Lists go out at once "
+        "whatever this is; a crash replays at most this much of `sales`, counted once.",
+    )
     # --- dashboard ------------------------------------------------------------------------------
     dashboard_host: str = Field(
         "127.0.0.1",

@@ -12,13 +12,17 @@ Commit order of one batch (the sales that the client has already fetched, at mos
 
 1. each sale -> its user's state (a replayed offset or a known event_id changes nothing)
 2. every touched user whose sale is newer than the model's training offsets -> fold-in -> list
-   -> `recommendations`
-3. every touched user's state -> `speed-state` (same partition as the sale)
+   -> `recommendations` (sent at once: the producer lingers 1 ms)
+
+and every `RECSYS_SPEED_COMMIT_SECONDS` (and on a revoke or a stop), as Kafka Streams commits:
+
+3. every user touched since the last commit -> its state -> `speed-state` (same partition as
+   its sales), once however many sales it had
 4. flush: wait for the broker's acks of 2 and 3
 5. commit the input offsets, asynchronously (the next batch does not wait for the round trip).
-   A crash before 5 is done replays the batch: the states written in 3 say which records were
-   applied already, so nothing counts twice; a crash before 3 loses nothing (the batch runs
-   again in full).
+   A crash before 5 is done replays the sales since the last commit: the states written in 3 say
+   which records were applied already, so nothing counts twice; a crash before 3 loses nothing
+   (those sales run again in full, and their users' lists are published again, same ids).
 
 A new model is switched to only when all its chunks arrived (schemas/factors.py), between two
 batches, so no list mixes versions; the users whose last sale is past the offsets the new model
@@ -122,6 +126,9 @@ class SpeedLayer:
         self._encode_rec = codec.Encoder("Recommendation")
         self._encode_state = codec.Encoder("SpeedState")
         self._errors: list[str] = []
+        self._dirty: dict[str, UserState] = {}  # touched since the last commit
+        self._uncommitted: dict[int, int] = {}  # partition -> last offset processed
+        self._committed_at = time.monotonic()
         pattern = settings.non_product_pattern
         self._not_product = re.compile(pattern) if pattern else None
         self._last_progress = time.monotonic()
@@ -205,7 +212,7 @@ class SpeedLayer:
                  len(self.states) - before, self.topics.state, time.perf_counter() - started)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        self._flush()
+        self.commit()
         gone = {p.partition for p in partitions}
         self.states = {u: s for u, s in self.states.items() if s.partition not in gone}
         for user in [u for u in self.normals if u not in self.states]:
@@ -269,6 +276,8 @@ class SpeedLayer:
         self.poll_factors()
         first = self.sales.poll(timeout)
         if first is None:
+            if self._dirty or self._uncommitted:
+                self.commit()  # quiet: nothing left uncommitted
             self._progress()
             return 0
         batch = [first, *self.sales.consume(num_messages=self.settings.speed_max_batch - 1,
@@ -311,16 +320,26 @@ class SpeedLayer:
         fresh = [] if self.model is None else newer_than_model(
             touched.values(), self.model.factors, self.topics.sales)
         self._publish(fresh)  # (2)
-        for state in touched.values():  # (3)
+        self._dirty.update(touched)
+        self._uncommitted.update(last)
+        self.counts["sales"] += len(messages)
+        if time.monotonic() - self._committed_at >= self.settings.speed_commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Steps 3-5: the states of the users touched since the last commit, flush, offsets."""
+        for state in self._dirty.values():  # (3)
             self._produce(self.topics.state, state.user_id, self._encode_state(state.record()),
                           state.partition)
         self._flush()  # (4)
-        if last:  # (5)
+        if self._uncommitted:  # (5)
             from confluent_kafka import TopicPartition
 
             self.sales.commit(offsets=[TopicPartition(self.topics.sales, p, o + 1)
-                                       for p, o in last.items()], asynchronous=True)
-        self.counts["sales"] += len(messages)
+                                       for p, o in self._uncommitted.items()],
+                              asynchronous=True)
+        self._dirty, self._uncommitted = {}, {}
+        self._committed_at = time.monotonic()
 
     def _publish(self, states: list[UserState]) -> None:
         if not states or self.model is None:
@@ -391,7 +410,7 @@ class SpeedLayer:
 
     def close(self) -> None:
         try:
-            self._flush()
+            self.commit()
         finally:
             self._progress(force=True)
             self.sales.close()

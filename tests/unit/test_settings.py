@@ -52,6 +52,7 @@ GOOD = {
     "seed": ("7", 7),
     "top_n": ("5", 5),
     "speed_max_batch": ("500", 500),
+    "speed_commit_seconds": ("0.5", 0.5),
     "non_product_pattern": ("^POST$", "^POST$"),
     "promote_gate": ("false", False),
     "promote_tolerance": ("0.1", 0.1),

@@ -17,7 +17,11 @@ export SPARK_LOCAL_IP := 127.0.0.1
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed jvm/lib/.installed .debs-installed ## install everything: venv, Maven jars, Debian packages (idempotent)
+# Our GraphX bridge (Java, jvm/src/): compiled by the same pom into jvm/lib/spark/, on spark.jars.
+BRIDGE_SRC := $(shell find jvm/src -name '*.java' 2>/dev/null)
+BRIDGE_JAR := jvm/lib/spark/recsys-graphx-bridge.jar
+
+setup: $(VENV)/.installed jvm/lib/.installed $(BRIDGE_JAR) .debs-installed ## install everything: venv, Maven jars, our GraphX bridge, Debian packages (idempotent)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +33,14 @@ jvm/lib/.installed: jvm/pom.xml
 	rm -rf jvm/lib
 	mvn -q -B -f jvm/pom.xml -P kafka dependency:copy-dependencies
 	mvn -q -B -f jvm/pom.xml -P spark dependency:copy-dependencies
-	mvn -q -B -f jvm/pom.xml -P graphframes dependency:copy-dependencies \
-	  || echo "setup: GraphFrames jar not served by this Maven registry; continuing without it (see README, GraphFrames)"
+	mvn -q -B -f jvm/pom.xml -P bridge package
+	touch $@
+
+# A changed bridge source rebuilds the bridge only (the resolved jars stay). The old jar is
+# removed, not overwritten: a running Spark keeps reading the file it opened.
+$(BRIDGE_JAR): $(BRIDGE_SRC) | jvm/lib/.installed
+	rm -f $@
+	mvn -q -B -f jvm/pom.xml -P bridge package
 	touch $@
 
 .debs-installed:

@@ -12,22 +12,28 @@ Figures of each graph, over the catalogue (every product of a valid event):
 - coverage: the share of the catalogue with in-degree > 0;
 - Gini coefficient of the product in-degrees (0: every product equally often, ~1: a few take all).
 
-PageRank (and other iterative graph measures) awaits the GraphFrames jar, which cannot be
-downloaded here; nothing in this module needs it.
+GraphX (through `spark.graphx`, the project's JVM bridge), on each graph with the whole
+catalogue as vertices: PageRank of every user and product (undirected: a product's rank flows to
+the users it is linked to and back; GraphX scales the ranks to sum to the number of vertices),
+connected components and label-propagation communities, numbered 1, 2, ... by size (largest
+first). Figures: the share of the products' PageRank held by the top 1 % of the catalogue, the
+components, the communities and their sizes (vertices without an edge are left out of both).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark import prepare
+from spark import graphx, prepare
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,26 @@ TOP_PRODUCTS = 20
 # `because` runs on the driver while this many floats (history pairs + recommended products, times
 # the rank) fit; above it, in Spark (one row per (edge, bought product) pair).
 DRIVER_MAX_FLOATS = 50_000_000
+# GraphX: PageRank's fixed iterations (the ranks of the bundled data's top products move by less
+# than 0.1 % after 20), label propagation's rounds, the share the top figure looks at.
+PAGERANK_ITERATIONS = 20
+COMMUNITY_STEPS = 5
+TOP_SHARE = 0.01
+COMMUNITY_SIZES = 10  # summary.json lists the sizes of this many largest communities
+# GraphX's edge partitions: one per this many (directed) edges of the graphs, at least one. Each
+# iteration runs a few stages of that many tasks, and on graphs of this size their fixed cost is
+# most of the time (the bundled data's ~310,000 pairs: 2 partitions; PageRank 5.4 s, in 4: 7.6 s).
+EDGES_PER_PARTITION = 200_000
 
+MEASURE_SCHEMA = T.StructType([
+    T.StructField("id", T.StringType(), False),
+    T.StructField("pagerank", T.DoubleType(), True),
+    T.StructField("component", T.LongType(), True),
+    T.StructField("community", T.LongType(), True),
+    T.StructField("purchase_pagerank", T.DoubleType(), True),
+    T.StructField("purchase_component", T.LongType(), True),
+    T.StructField("purchase_community", T.LongType(), True),
+])
 EDGE_SCHEMA = T.StructType([
     T.StructField("user_id", T.StringType(), False),
     T.StructField("product_id", T.StringType(), False),
@@ -51,11 +76,25 @@ class Graph:
 
     model_version: int
     edges: DataFrame  # user_id, product_id, score, rank, model_version, because array<string>
-    vertices: DataFrame  # id, type, original_id, description, degree
+    vertices: DataFrame  # id, type, original_id, description, degree, + MEASURE_COLUMNS
     degree_distribution: list[dict[str, Any]]  # graph, degree, products
-    top_products: list[dict[str, Any]]  # graph, rank, product_id, description, users
+    top_products: list[dict[str, Any]]  # graph, rank, product_id, description, users, pagerank
     summary: dict[str, Any] = field(default_factory=dict)
     cached: list[DataFrame] = field(default_factory=list)  # intermediates, dropped with the rest
+    seconds: dict[str, float] = field(default_factory=dict)  # of some steps (not in the export)
+
+    def headline(self) -> dict[str, float]:
+        """The figures model-ready carries in its `metrics` (all prefixed `graph_`)."""
+        rec, buy = self.summary["recommendations"], self.summary["purchases"]
+        return {
+            "graph_coverage": float(rec["coverage"]),
+            "graph_gini_in_degree": float(rec["gini_in_degree"]),
+            "graph_pagerank_top1pct_share": float(rec["pagerank_top_share"]),
+            "graph_purchase_pagerank_top1pct_share": float(buy["pagerank_top_share"]),
+            "graph_components": float(rec["components"]),
+            "graph_communities": float(rec["communities"]),
+            "graph_largest_community": float(rec["largest_community"]),
+        }
 
     def unpersist(self) -> None:
         """Drop every cache the build made (edges and vertices last)."""
@@ -290,11 +329,112 @@ def figures(pairs: DataFrame, products: DataFrame) -> tuple[dict[str, Any], Data
     return summary, degrees, dist
 
 
+# --- GraphX analytics -----------------------------------------------------------------------------
+MEASURE_COLUMNS = ("pagerank", "component", "community",
+                   "purchase_pagerank", "purchase_component", "purchase_community")
+
+
+def links(pairs: DataFrame, prefix: str = "") -> DataFrame:
+    """(src, dst) = (`<prefix>u:<user>`, `<prefix>p:<product>`) of a (user_id, product_id) graph."""
+    return pairs.select(F.concat(F.lit(f"{prefix}u:"), "user_id").alias("src"),
+                        F.concat(F.lit(f"{prefix}p:"), "product_id").alias("dst"))
+
+
+def analyse(graphs: dict[str, DataFrame], products: DataFrame, edges_count: int | None = None
+            ) -> dict[str, pd.DataFrame]:
+    """GraphX on (user_id, product_id) graphs, every catalogue product a vertex of each: per
+    graph, (id, degree, pagerank, component, community) on the driver, one row per vertex.
+
+    The graphs run as one: their disjoint union (vertex ids prefixed with the graph's name), so
+    each iteration's Spark stages serve them all (the stages' fixed cost, not the edges, is most
+    of GraphX's time on graphs this size). Components and communities never cross a disjoint
+    union, and PageRank's iterations do not either; only GraphX's final scaling (ranks sum to
+    the number of vertices) is over the union, so each graph's ranks are scaled back to sum to
+    its own number of vertices: the same ranks as from separate runs.
+    """
+    names = sorted(graphs)
+    edges = ids = None
+    for name in names:
+        e = links(graphs[name], f"{name}|")
+        v = products.select(F.concat(F.lit(f"{name}|p:"), "product_id").alias("id"))
+        edges = e if edges is None else edges.unionByName(e)
+        ids = v if ids is None else ids.unionByName(v)
+    partitions = None if edges_count is None else max(1, -(-edges_count // EDGES_PER_PARTITION))
+    measured = graphx.analyse(edges, ids, iterations=PAGERANK_ITERATIONS, steps=COMMUNITY_STEPS,
+                              partitions=partitions)
+    # A local relation already (the bridge collected it): no job to speak of.
+    table = measured.select("id", "degree", "pagerank", "component", "community").toPandas()
+    log.info("graphx on %d vertices: %s", len(table), graphx.last_timings(products.sparkSession))
+    graph_of = table["id"].str.split("|", n=1).str[0]
+    out = {}
+    for name in names:
+        part = table[graph_of == name].copy()
+        cut = len(name) + 1
+        for column in ("id", "component", "community"):
+            part[column] = part[column].str[cut:]
+        part["pagerank"] *= len(part) / part["pagerank"].sum()
+        out[name] = part.reset_index(drop=True)
+    return out
+
+
+def numbered(labels: pd.Series, linked: pd.Series) -> pd.Series:
+    """Group labels (a representative vertex id) as 1, 2, ... by group size, largest first (ties:
+    smaller label); vertices without an edge (`linked` False) get 0: no community of their own."""
+    counts = labels[linked].value_counts()
+    order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    number = {label: i for i, (label, _) in enumerate(order, 1)}
+    return labels.map(number).where(linked, 0).fillna(0).astype("int64")
+
+
+def measures(measured: pd.DataFrame) -> pd.DataFrame:
+    """(id, pagerank, component, community) with components and communities numbered."""
+    linked = measured["degree"] > 0
+    return pd.DataFrame({
+        "id": measured["id"],
+        # 9 decimals: the export stays byte-for-byte the same when GraphX sums in another order
+        "pagerank": measured["pagerank"].astype("float64").round(9),
+        "component": numbered(measured["component"], linked),
+        "community": numbered(measured["community"], linked),
+    })
+
+
+def top_share(ranks: pd.Series, share: float = TOP_SHARE) -> float:
+    """The part of the total held by the ceil(share x n) largest values (NaN when empty)."""
+    values = np.sort(ranks.to_numpy(dtype="float64"))[::-1]
+    total = values.sum()
+    if len(values) == 0 or total <= 0:
+        return float("nan")
+    k = max(1, int(np.ceil(share * len(values))))
+    return float(values[:k].sum() / total)
+
+
+def analytics_figures(table: pd.DataFrame) -> dict[str, Any]:
+    """Summary figures of one graph's `measures` table (products are the `p:` ids)."""
+    products = table[table["id"].str.startswith("p:")]
+    linked_components = table.loc[table["component"] > 0, "component"]
+    sizes = table.loc[table["community"] > 0, "community"].value_counts().sort_values(
+        ascending=False)
+    comp_sizes = linked_components.value_counts()
+    top = products.sort_values(["pagerank", "id"], ascending=[False, True]).head(5)
+    return {
+        "pagerank_top_share": top_share(products["pagerank"]),
+        "pagerank_top_products": [i[2:] for i in top["id"]],
+        "pagerank_max": float(products["pagerank"].max()) if len(products) else float("nan"),
+        "components": int(comp_sizes.size),
+        "largest_component": int(comp_sizes.max()) if comp_sizes.size else 0,
+        "isolated_vertices": int((table["component"] == 0).sum()),
+        "communities": int(sizes.size),
+        "largest_community": int(sizes.iloc[0]) if sizes.size else 0,
+        "community_sizes": [int(n) for n in sizes.iloc[:COMMUNITY_SIZES]],
+    }
+
+
 # --- the whole graph ------------------------------------------------------------------------------
-def vertices(user_degrees: DataFrame, product_degrees: DataFrame, names: DataFrame) -> DataFrame:
+def vertices(user_degrees: DataFrame, product_degrees: DataFrame, names: DataFrame,
+             measured: DataFrame | None = None) -> DataFrame:
     """(id, type, original_id, description, degree): users as `u:<id>`, products (the whole
     catalogue, in-degree 0 included) as `p:<id>`; degree = out-degree for users, in-degree for
-    products, in the recommendation graph."""
+    products, in the recommendation graph. With `measured` (id + MEASURE_COLUMNS), those too."""
     users = user_degrees.select(
         F.concat(F.lit("u:"), "user_id").alias("id"), F.lit("user").alias("type"),
         F.col("user_id").alias("original_id"), F.lit(None).cast("string").alias("description"),
@@ -305,7 +445,10 @@ def vertices(user_degrees: DataFrame, product_degrees: DataFrame, names: DataFra
         F.col("product_id").alias("original_id"), "description",
         F.col("degree").cast("long").alias("degree"),
     )
-    return users.unionByName(products)
+    both = users.unionByName(products)
+    if measured is None:
+        return both
+    return both.join(F.broadcast(measured), "id", "left")
 
 
 def build(
@@ -326,15 +469,31 @@ def build(
     rec_summary, rec_degrees, rec_dist = figures(edges, products)
     buy_summary, buy_degrees, buy_dist = figures(bought, products)
     user_degrees = edges.groupBy("user_id").agg(F.count(F.lit(1)).alias("degree"))
-    verts = vertices(user_degrees, rec_degrees, names).cache()
+    started = time.perf_counter()
+    measured = analyse({"recommendations": edges, "purchases": bought}, products,
+                       rec_summary["edges"] + buy_summary["edges"])
+    rec_measures = measures(measured["recommendations"])
+    buy_measures = measures(measured["purchases"])
+    graphx_seconds = time.perf_counter() - started
+    rec_summary.update(analytics_figures(rec_measures))
+    buy_summary.update(analytics_figures(buy_measures))
+    table = rec_measures.merge(
+        buy_measures.rename(columns={c: f"purchase_{c}" for c in ("pagerank", "component",
+                                                                   "community")}),
+        on="id", how="left",
+    )
+    measured = spark.createDataFrame(table, MEASURE_SCHEMA)
+    verts = vertices(user_degrees, rec_degrees, names, measured).cache()
     n_vertices = verts.count()
     dist_rows = [
         {"graph": graph, "degree": d, "products": c}
         for graph, dist in (("recommendations", rec_dist), ("purchases", buy_dist))
         for d, c in dist
     ]
+    rank_of = {graph: dict(zip(m["id"], m["pagerank"], strict=True))
+               for graph, m in (("recommendations", rec_measures), ("purchases", buy_measures))}
     top_rows = [
-        {"graph": graph, **row}
+        {"graph": graph, **row, "pagerank": rank_of[graph].get(f"p:{row['product_id']}")}
         for graph, degrees in (("recommendations", rec_degrees), ("purchases", buy_degrees))
         for row in top(degrees, names)
     ]
@@ -343,8 +502,12 @@ def build(
         "vertices": n_vertices,
         "recommendations": rec_summary,
         "purchases": buy_summary,
-        "pagerank": "not computed: awaits the GraphFrames jar",
+        "graphx": {
+            "pagerank_iterations": PAGERANK_ITERATIONS, "reset_prob": graphx.RESET_PROB,
+            "undirected": True, "community_steps": COMMUNITY_STEPS, "top_share": TOP_SHARE,
+        },
     }
     # Dropped only with the graph: unpersisting what a cached plan reads can drop that cache too.
     cached = [bought, products, names, rec_degrees, buy_degrees]
-    return Graph(version, edges, verts, dist_rows, top_rows, summary, cached)
+    return Graph(version, edges, verts, dist_rows, top_rows, summary, cached,
+                 {"graphx": graphx_seconds})

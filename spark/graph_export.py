@@ -1,9 +1,12 @@
 """Write a model version's graph (`spark.graph.Graph`) to `<export_dir>/<model_version>/`:
 
-- vertices.csv: id, type (user|product), original_id, description, degree
+- vertices.csv: id, type (user|product), original_id, description, degree, then GraphX's
+  pagerank, component, community of the recommendation graph and the same of the purchase graph
+  (purchase_pagerank, purchase_component, purchase_community); component and community are
+  numbered by size (1 the largest), 0 for a vertex without an edge in that graph
 - edges.csv: user_id, product_id, score, rank, model_version, because (ids joined with '|')
 - degree_distribution.csv: graph (recommendations|purchases), degree, products
-- top_products.csv: graph, rank, product_id, description, users
+- top_products.csv: graph, rank, product_id, description, users, pagerank
 - summary.json: the figures of both graphs (NaN written as null)
 
 One header line, one row per record, rows sorted, so the same graph always gives the same bytes.
@@ -23,12 +26,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spark.graph import Graph
+from spark.graph import MEASURE_COLUMNS, Graph
 
-VERTEX_COLUMNS = ("id", "type", "original_id", "description", "degree")
+VERTEX_COLUMNS = ("id", "type", "original_id", "description", "degree", *MEASURE_COLUMNS)
 EDGE_COLUMNS = ("user_id", "product_id", "score", "rank", "model_version", "because")
 DISTRIBUTION_COLUMNS = ("graph", "degree", "products")
-TOP_COLUMNS = ("graph", "rank", "product_id", "description", "users")
+TOP_COLUMNS = ("graph", "rank", "product_id", "description", "users", "pagerank")
 BECAUSE_SEPARATOR = "|"
 
 

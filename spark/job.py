@@ -171,22 +171,27 @@ def _champion(spark: SparkSession, models: Models, serving: dict[str, Any] | Non
 def publish_graph(
     spark: SparkSession, settings: Settings, topics: Topics, result: Any, sales: DataFrame
 ) -> tuple[int, Path]:
-    """Build the model's recommendation graph, export it under `settings.export_dir`, put its
-    edges on graph-edges; (edges published, export folder). PageRank awaits GraphFrames."""
+    """Build the model's recommendation graph (GraphX analytics included), export it under
+    `settings.export_dir`, put its edges on graph-edges; (edges published, export folder). The
+    headline figures go into `result.metrics` (as `graph_*`), so model-ready carries them."""
     from spark import graph, graph_export
 
     started = time.perf_counter()
     g = graph.build(spark, result, sales)
+    result.metrics.update(g.headline())
     try:
         where = graph_export.export(g, settings.export_dir)
         n = publish.publish_graph_edges(g.edges, g.model_version, settings, topics.graph_edges)
     finally:
         g.unpersist()
-    rec = g.summary["recommendations"]
+    rec, buy = g.summary["recommendations"], g.summary["purchases"]
     log.info(
         "graph of model %d: %d edges, %d vertices, %d of %d products recommended (coverage "
-        "%.3f, Gini %.3f), exported to %s, %.1f s", g.model_version, n, g.summary["vertices"],
-        rec["products"], rec["catalogue"], rec["coverage"], rec["gini_in_degree"], where,
+        "%.3f, Gini %.3f); top 1%% of products hold %.3f of the PageRank (purchases %.3f), %d "
+        "communities (largest %d), GraphX %.1f s; exported to %s, %.1f s", g.model_version, n,
+        g.summary["vertices"], rec["products"], rec["catalogue"], rec["coverage"],
+        rec["gini_in_degree"], rec["pagerank_top_share"], buy["pagerank_top_share"],
+        rec["communities"], rec["largest_community"], g.seconds.get("graphx", 0.0), where,
         time.perf_counter() - started,
     )
     return n, where
@@ -603,9 +608,13 @@ def train_cli(settings: Settings, args: argparse.Namespace) -> int:
     metrics = mr["metrics"]
     base = mr["baseline_metrics"]
     theirs = mr["champion_metrics"]
-    for name in sorted(metrics):
-        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base.get(name, float('nan')):.4f}"
+    for name in sorted(n for n in metrics if n in base):
+        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base[name]:.4f}"
               + (f"   champion {theirs[name]:.4f}" if name in theirs else ""))
+    graph = {n: v for n, v in metrics.items() if n not in base}
+    if graph:
+        print("  graph: " + ", ".join(f"{n.removeprefix('graph_')} {v:g}"
+                                      for n, v in sorted(graph.items())))
     print(f"  cycle {done.cycle_seconds:.1f} s, ALS.fit {mr['train_seconds']:.1f} s, "
           f"trained at {mr['trained_at']:%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
     return 0

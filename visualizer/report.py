@@ -2,12 +2,12 @@
 graph export folder (`spark.graph_export`), with three views:
 
 - the user -> product network, sampled: the most recommended products and a capped number of
-  their users (the smallest user ids, so the same export gives the same picture);
+  their users (the smallest user ids, so the same export gives the same picture); products sized
+  by GraphX PageRank, every node coloured by its label-propagation community, and a menu that
+  picks one community (the others fade);
 - the degree distribution of products, log-log, recommendations next to purchases (degree 0,
   which a log axis cannot show, is left out and counted in the title);
-- the most recommended products, as a bar chart.
-
-PageRank is not shown: it awaits the GraphFrames jar.
+- the top products as bar charts, two tabs: by recommendations (users) and by PageRank.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from pathlib import Path
 import pandas as pd
 from bokeh.embed import file_html
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, HoverTool, LayoutDOM
+from bokeh.models import (
+    ColumnDataSource,
+    CustomJS,
+    HoverTool,
+    LayoutDOM,
+    Select,
+    TabPanel,
+    Tabs,
+)
+from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
@@ -28,6 +37,15 @@ from recsys.settings import Settings
 
 NETWORK_PRODUCTS = 15
 NETWORK_USERS = 150
+TOP_SHOWN = 20
+OTHER = "#bbbbbb"  # communities past the ten largest, and vertices without one
+FADED = 0.08
+ALL = "all communities"
+
+
+def community_colour(community: int) -> str:
+    """Communities 1-10 (the largest ten) get Category10; the others grey."""
+    return Category10_10[community - 1] if 1 <= community <= 10 else OTHER
 
 
 def latest_version(export_dir: Path) -> int | None:
@@ -38,9 +56,10 @@ def latest_version(export_dir: Path) -> int | None:
 
 
 def network(edges: pd.DataFrame, descriptions: dict[str, str], products: int = NETWORK_PRODUCTS,
-            users: int = NETWORK_USERS) -> figure:
+            users: int = NETWORK_USERS, measures: pd.DataFrame | None = None) -> LayoutDOM:
     """Users (left) linked to the `products` most recommended products (right), for at most
-    `users` of their users."""
+    `users` of their users; with `measures` (vertices.csv: id, pagerank, community) products are
+    sized by PageRank, nodes coloured by community, and a menu picks one community."""
     counts = edges.groupby("product_id")["user_id"].nunique().reset_index(name="users")
     picked = counts.sort_values(["users", "product_id"], ascending=[False, True]).head(products)
     shown = edges[edges["product_id"].isin(picked["product_id"])]
@@ -49,27 +68,65 @@ def network(edges: pd.DataFrame, descriptions: dict[str, str], products: int = N
     y_user = {u: i / max(len(user_ids) - 1, 1) for i, u in enumerate(user_ids)}
     order = list(picked["product_id"])
     y_product = {p: i / max(len(order) - 1, 1) for i, p in enumerate(order)}
+    rank, community = {}, {}
+    if measures is not None and "pagerank" in measures:
+        rank = dict(zip(measures["id"], measures["pagerank"], strict=True))
+        community = dict(zip(measures["id"], measures["community"].fillna(0).astype(int),
+                             strict=True))
+    p_rank = [float(rank.get(f"p:{x}", 0.0) or 0.0) for x in order]
+    top_rank = max(p_rank, default=0.0) or 1.0
+    p_comm = [int(community.get(f"p:{x}", 0)) for x in order]
+    u_comm = [int(community.get(f"u:{u}", 0)) for u in user_ids]
+    sized = "by PageRank, " if rank else ""
     p = figure(
         title=f"Recommendation network: the {len(order)} most recommended products and "
-        f"{len(user_ids)} of their users (smallest ids, at most {users})",
+        f"{len(user_ids)} of their users (smallest ids, at most {users}); products {sized}"
+        "colour: community",
         width=900, height=600, x_range=(-0.2, 1.2), tools="pan,wheel_zoom,reset,save",
     )
-    p.segment(x0=0, y0=[y_user[u] for u in shown["user_id"]], x1=1,
-              y1=[y_product[x] for x in shown["product_id"]], line_alpha=0.15, color="gray")
-    p.scatter(x=[0] * len(user_ids), y=[y_user[u] for u in user_ids], size=4, color="steelblue",
+    links = ColumnDataSource({
+        "y0": [y_user[u] for u in shown["user_id"]],
+        "y1": [y_product[x] for x in shown["product_id"]],
+        "community": [int(community.get(f"p:{x}", 0)) for x in shown["product_id"]],
+        "alpha": [0.15] * len(shown),
+    })
+    p.segment(x0=0, y0="y0", x1=1, y1="y1", source=links, line_alpha="alpha", color="gray")
+    users_src = ColumnDataSource({
+        "x": [0] * len(user_ids), "y": [y_user[u] for u in user_ids], "user_id": user_ids,
+        "community": u_comm, "colour": [community_colour(c) for c in u_comm],
+        "alpha": [1.0] * len(user_ids),
+    })
+    p.scatter("x", "y", source=users_src, size=5, color="colour", alpha="alpha",
               legend_label="users")
     products_src = ColumnDataSource({
         "x": [1] * len(order), "y": [y_product[x] for x in order], "product_id": order,
         "description": [descriptions.get(x, "") for x in order],
-        "users": list(picked["users"]),
+        "users": list(picked["users"]), "pagerank": p_rank, "community": p_comm,
+        "size": [8 + 22 * (r / top_rank) ** 0.5 if rank else 10 for r in p_rank],
+        "colour": [community_colour(c) for c in p_comm], "alpha": [1.0] * len(order),
     })
-    dots = p.scatter("x", "y", source=products_src, size=10, color="darkorange",
-                     legend_label="products")
+    dots = p.scatter("x", "y", source=products_src, size="size", color="colour", alpha="alpha",
+                     marker="square", legend_label="products")
     p.add_tools(HoverTool(renderers=[dots], tooltips=[
-        ("product", "@product_id"), ("description", "@description"), ("users", "@users")]))
+        ("product", "@product_id"), ("description", "@description"), ("users", "@users"),
+        ("PageRank", "@pagerank{0.000}"), ("community", "@community")]))
     p.axis.visible = False
     p.grid.visible = False
-    return p
+    shown_communities = sorted({c for c in p_comm + u_comm if c > 0})
+    pick = Select(title="community", value=ALL,
+                  options=[ALL, *(str(c) for c in shown_communities)], width=200)
+    pick.js_on_change("value", CustomJS(
+        args={"sources": [products_src, users_src, links], "all": ALL, "faded": FADED},
+        code="""
+        for (const src of sources) {
+            const c = src.data.community;
+            const on = src === sources[2] ? 0.15 : 1.0;
+            src.data.alpha = c.map(x => (this.value === all || String(x) === this.value)
+                                        ? on : faded);
+            src.change.emit();
+        }
+        """))
+    return column(pick, p)
 
 
 def degree_plot(dist: pd.DataFrame) -> figure:
@@ -87,16 +144,31 @@ def degree_plot(dist: pd.DataFrame) -> figure:
     return p
 
 
-def top_plot(top: pd.DataFrame) -> figure:
-    """The most recommended products, most at the top."""
-    rec = top[top["graph"] == "recommendations"].sort_values("rank")
+def bars(rows: pd.DataFrame, value: str, title: str, axis: str, colour: str) -> figure:
+    """Horizontal bars of `rows[value]`, first row at the top."""
     labels = [f"{pid} {str(d)[:30] if isinstance(d, str) else ''}".strip()
-              for pid, d in zip(rec["product_id"], rec["description"], strict=True)]
-    p = figure(title="Most recommended products (users each is recommended to)",
-               y_range=list(reversed(labels)), width=900, height=30 * len(labels) + 80,
-               x_axis_label="users")
-    p.hbar(y=labels, right=list(rec["users"]), height=0.7, color="darkorange")
+              for pid, d in zip(rows["product_id"], rows["description"], strict=True)]
+    p = figure(title=title, y_range=list(reversed(labels)), width=900,
+               height=30 * len(labels) + 80, x_axis_label=axis)
+    p.hbar(y=labels, right=list(rows[value]), height=0.7, color=colour)
     return p
+
+
+def top_plot(top: pd.DataFrame, verts: pd.DataFrame | None = None) -> LayoutDOM:
+    """The top products, two tabs: most recommended (users each is recommended to) and, with the
+    vertices' PageRank, highest PageRank in the recommendation graph."""
+    rec = top[top["graph"] == "recommendations"].sort_values("rank")
+    by_users = bars(rec, "users", "Most recommended products (users each is recommended to)",
+                    "users", "darkorange")
+    if verts is None or "pagerank" not in verts:
+        return by_users
+    products = verts[verts["type"] == "product"].rename(columns={"original_id": "product_id"})
+    ranked = products.sort_values(["pagerank", "product_id"], ascending=[False, True]).head(
+        TOP_SHOWN)
+    by_rank = bars(ranked, "pagerank", "Products of highest PageRank in the recommendation "
+                   "graph (GraphX; mean 1)", "PageRank", "seagreen")
+    return Tabs(tabs=[TabPanel(child=by_users, title="by recommendations"),
+                      TabPanel(child=by_rank, title="by PageRank")])
 
 
 def build_layout(where: Path) -> LayoutDOM:
@@ -107,7 +179,9 @@ def build_layout(where: Path) -> LayoutDOM:
     names = dict(zip(products["original_id"], products["description"], strict=True))
     dist = pd.read_csv(where / "degree_distribution.csv")
     top = pd.read_csv(where / "top_products.csv", dtype={"product_id": str})
-    return column(network(edges, names), degree_plot(dist), top_plot(top))
+    measures = verts[["id", "pagerank", "community"]] if "pagerank" in verts else None
+    return column(network(edges, names, measures=measures), degree_plot(dist),
+                  top_plot(top, verts))
 
 
 def render(where: Path) -> str:

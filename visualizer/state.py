@@ -40,6 +40,7 @@ import logging
 import math
 import threading
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -441,16 +442,23 @@ class DashboardState:
         with self._lock:
             return self.descriptions.get(product_id, "")
 
-    def network(self, top_products: int, max_users: int) -> dict[str, Any]:
-        """The current version's sub-graph around its `top_products` most recommended products:
-        the users with most edges into them (at most `max_users`), and the edges between."""
+    def latest_graph_version(self) -> int | None:
+        with self._lock:
+            return max(self.graphs) if self.graphs else None
+
+    def network(self, top_products: int, max_users: int,
+                only: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The current version's sub-graph around its `top_products` most recommended products
+        (those `only` accepts, when given): the users with most edges into them (at most
+        `max_users`), and the edges between."""
         with self._lock:
             if not self.graphs:
                 return {"version": None, "products": [], "users": [], "edges": []}
             g = self.graphs[max(self.graphs)]
-            chosen = heapq.nsmallest(
-                top_products, g.by_product.items(), key=lambda kv: (-len(kv[1]), kv[0])
-            )
+            items = g.by_product.items()
+            if only is not None:
+                items = [(p, us) for p, us in items if only(p)]
+            chosen = heapq.nsmallest(top_products, items, key=lambda kv: (-len(kv[1]), kv[0]))
             into: Counter[str] = Counter()
             for _, users in chosen:
                 into.update(users.keys())

@@ -65,7 +65,8 @@ def test_gini_and_coverage_of_known_distributions() -> None:
 
 def test_degrees_distribution_coverage_and_gini(built) -> None:
     s = built.summary
-    assert s["model_version"] == 7 and "GraphFrames" in s["pagerank"]
+    assert s["model_version"] == 7
+    assert s["graphx"]["pagerank_iterations"] == graph.PAGERANK_ITERATIONS
     rec, buy = s["recommendations"], s["purchases"]
     # recommended: A 0, B 2, C 2, D 1, E 0 -> [0, 0, 1, 2, 2]
     assert (rec["edges"], rec["users"], rec["products"], rec["catalogue"]) == (5, 3, 3, 5)
@@ -93,6 +94,49 @@ def test_degrees_distribution_coverage_and_gini(built) -> None:
     assert verts["u:u1"]["type"] == "user" and verts["u:u1"]["degree"] == 2
     assert verts["p:B"]["description"] == "banana, ripe" and verts["p:B"]["degree"] == 2
     assert verts["p:E"]["degree"] == 0 and verts["p:D"]["description"] is None
+
+
+def test_graphx_measures_and_figures(built) -> None:
+    """Recommendations: u1-C, u1-D, u2-C, u2-B, u3-B (one component of 6; A, E alone);
+    purchases: u1-A, u1-B, u2-A, u2-D, u3-A, u3-C (one component of 7; E alone)."""
+    verts = {r["id"]: r for r in built.vertices.collect()}
+    assert set(verts["p:A"].asDict()) >= set(graph.MEASURE_COLUMNS)
+    assert sum(v["pagerank"] for v in verts.values()) == pytest.approx(8)  # ranks sum to N
+    assert verts["p:C"]["pagerank"] > verts["p:D"]["pagerank"] > verts["p:A"]["pagerank"]
+    assert verts["p:A"]["pagerank"] == pytest.approx(verts["p:E"]["pagerank"])
+    linked = [v for v in verts if v not in ("p:A", "p:E")]
+    assert {verts[v]["component"] for v in linked} == {1}
+    assert verts["p:A"]["component"] == verts["p:E"]["component"] == 0  # no edge: no number
+    assert verts["p:A"]["community"] == 0 and verts["p:B"]["community"] >= 1
+    bought = {v: verts[v]["purchase_pagerank"] for v in ("p:A", "p:B", "p:C", "p:D", "p:E")}
+    assert max(bought, key=bought.get) == "p:A"  # the hub everybody bought
+    assert verts["p:E"]["purchase_component"] == 0 and verts["p:A"]["purchase_component"] == 1
+
+    rec, buy = built.summary["recommendations"], built.summary["purchases"]
+    assert (rec["components"], rec["largest_component"], rec["isolated_vertices"]) == (1, 6, 2)
+    assert (buy["components"], buy["largest_component"], buy["isolated_vertices"]) == (1, 7, 1)
+    assert sum(rec["community_sizes"]) == 6 and rec["communities"] == len(rec["community_sizes"])
+    assert buy["pagerank_top_products"][0] == "A"
+    # one product is the top 1 % of a catalogue of 5
+    products = {p: verts[f"p:{p}"]["purchase_pagerank"] for p in "ABCDE"}
+    assert buy["pagerank_top_share"] == pytest.approx(products["A"] / sum(products.values()))
+    assert 0 < rec["pagerank_top_share"] < 1
+    head = built.headline()
+    assert head["graph_pagerank_top1pct_share"] == pytest.approx(rec["pagerank_top_share"])
+    assert head["graph_purchase_pagerank_top1pct_share"] == pytest.approx(
+        buy["pagerank_top_share"])
+    assert head["graph_components"] == 1.0 and all(k.startswith("graph_") for k in head)
+    tops = {(r["graph"], r["product_id"]): r["pagerank"] for r in built.top_products}
+    assert tops[("purchases", "A")] == pytest.approx(verts["p:A"]["purchase_pagerank"])
+
+
+def test_group_numbers_and_top_share() -> None:
+    labels = pd.Series(["x", "y", "y", "z", "z", "z", "w"])
+    linked = pd.Series([True, True, True, True, True, True, False])
+    assert list(graph.numbered(labels, linked)) == [3, 2, 2, 1, 1, 1, 0]
+    assert graph.top_share(pd.Series([1.0] * 99 + [99.0])) == pytest.approx(0.5)
+    assert graph.top_share(pd.Series([2.0, 1.0, 1.0]), share=0.5) == pytest.approx(0.75)
+    assert math.isnan(graph.top_share(pd.Series([], dtype=float)))
 
 
 def test_edges_carry_the_closest_bought_products(built) -> None:
@@ -134,12 +178,15 @@ def test_export_round_trips_and_is_deterministic(spark, built, tmp_path) -> None
     assert edges.set_index(["user_id", "product_id"]).loc[("u1", "C"), "because"] == "A|B"
     assert edges.groupby("user_id").size().to_dict() == {"u1": 2, "u2": 2, "u3": 1}
     verts = pd.read_csv(where / "vertices.csv")
+    assert list(verts.columns) == list(graph_export.VERTEX_COLUMNS)
+    assert verts.set_index("id").loc["p:B", "component"] == 1
     assert len(verts) == 8 and verts.set_index("id").loc["p:B", "description"] == "banana, ripe"
     assert verts.set_index("id").loc["p:A", "description"] == "apple"
     summary = json.loads((where / "summary.json").read_text())
     assert summary["recommendations"]["edges"] == 5
     assert pd.read_csv(where / "degree_distribution.csv")["products"].sum() == 10
     assert len(pd.read_csv(where / "top_products.csv")) == 7
+    assert summary["purchases"]["pagerank_top_products"][0] == "A"
 
     read = spark.read.csv(str(where / "vertices.csv"), header=True, escape='"')
     assert read.count() == 8
@@ -159,10 +206,21 @@ def test_report_renders_the_three_views_offline(built, tmp_path, monkeypatch) ->
     assert "Recommendation network" in output.read_text(encoding="utf-8")
 
     layout = report.build_layout(tmp_path / "7")
-    titles = [child.title.text for child in layout.children]
-    assert len(titles) == 3
-    assert titles[0].startswith("Recommendation network: the 3 most recommended products and 3")
+    net, degrees, tops = layout.children
+    pick, fig = net.children
+    assert fig.title.text.startswith("Recommendation network: the 3 most recommended products and 3")
+    assert "products by PageRank" in fig.title.text
+    assert pick.options[0] == report.ALL and len(pick.options) >= 2  # "all" + the communities
+    products = next(r.data_source.data for r in fig.renderers if "pagerank" in r.data_source.data)
+    biggest = max(range(len(products["size"])), key=products["size"].__getitem__)
+    assert products["pagerank"][biggest] == max(products["pagerank"])  # sized by PageRank
+    assert all(c >= 1 for c in products["community"])  # every shown product has an edge
+    assert products["colour"] == [report.community_colour(c) for c in products["community"]]
+    assert [t.title for t in tops.tabs] == ["by recommendations", "by PageRank"]
+    titles = [fig.title.text, degrees.title.text, tops.tabs[0].child.title.text,
+              tops.tabs[1].child.title.text]
     assert titles[1].startswith("Degree distribution") and titles[2].startswith("Most recommended")
+    assert titles[3].startswith("Products of highest PageRank")
     html = report.render(tmp_path / "7")
     assert "cdn.bokeh.org" not in html and "Bokeh" in html
     for title in titles:

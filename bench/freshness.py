@@ -179,7 +179,9 @@ class Phase:
             return False, 0.0
         t, lag = np.array(half, dtype=np.float64).T
         slope = float(np.polyfit(t, lag, 1)[0])
-        return slope > 0.02 * self.rate or lag[-1] > 2 * self.rate, slope
+        # The speed layer commits its offsets every RECSYS_SPEED_COMMIT_SECONDS, so the committed
+        # lag is a sawtooth of that many seconds of sales: a slope under 5% of the rate is noise.
+        return slope > 0.05 * self.rate or lag[-1] > 2 * self.rate, slope
 
 
 class Load:

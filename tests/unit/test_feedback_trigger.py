@@ -65,7 +65,7 @@ def test_the_reason_goes_into_model_ready_params(monkeypatch, tmp_path):
 
     def fake_train_and_publish(spark, settings, topics, sales, trigger, started, reason):
         calls.update(trigger=trigger, reason=reason)
-        return SimpleNamespace(model_ready={"model_version": 4})
+        return SimpleNamespace(model_ready={"model_version": 4, "serving": 4})
 
     job = StreamJob(None, load(data_dir=tmp_path, feedback_retrain_share=0.5))
     job.feedback = Watch([feedback(version=3)])

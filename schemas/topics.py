@@ -6,7 +6,7 @@ list, idempotently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 SALES = "sales"
 SALES_DLQ = "sales.dlq"
@@ -66,6 +66,16 @@ TOPICS: tuple[Topic, ...] = (
 )
 
 BY_NAME = {t.name: t for t in TOPICS}
+
+
+class Names:
+    """Base of a process's frozen dataclass of the topic names it uses (the declared names as
+    defaults): `with_prefix` gives every name a prefix (tests: `t1.sales`, ...)."""
+
+    @classmethod
+    def with_prefix(cls, prefix: str):  # -> the subclass
+        base = cls()
+        return cls(**{f.name: prefix + getattr(base, f.name) for f in fields(cls)})
 
 
 def topic(name: str) -> Topic:

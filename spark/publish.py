@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Topics:
+class Topics(topics.Names):
     """The topics the Spark job reads and writes; tests give each run its own names."""
 
     sales: str = topics.SALES
@@ -42,15 +42,9 @@ class Topics:
     model_ready: str = topics.MODEL_READY
     recommendations: str = topics.RECOMMENDATIONS
     feedback: str = topics.FEEDBACK  # read: the aggregator's online feedback (early retrain)
-    graph_edges: str = topics.GRAPH_EDGES  # `with_prefix` builds the fields in order
+    graph_edges: str = topics.GRAPH_EDGES
     model_factors: str = topics.MODEL_FACTORS  # what the speed layer folds sales in with
     shadow: str = topics.RECOMMENDATIONS_SHADOW  # a rejected challenger's lists
-
-    @classmethod
-    def with_prefix(cls, prefix: str) -> Topics:
-        """Every topic name with `prefix` in front (`t1.` -> `t1.sales`, ...)."""
-        base = cls()
-        return cls(*(prefix + getattr(base, f) for f in cls.__dataclass_fields__))
 
 
 def kafka_sink_options(settings: Settings) -> dict[str, str]:

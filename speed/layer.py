@@ -41,7 +41,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,23 +62,13 @@ RESTORE_TIMEOUT = 600.0  # reading a changelog partition to its end
 
 
 @dataclass(frozen=True)
-class Topics:
+class Topics(topics.Names):
     """The topics the speed layer reads and writes; tests give each run its own names."""
 
     sales: str = topics.SALES
     model_factors: str = topics.MODEL_FACTORS
     recommendations: str = topics.RECOMMENDATIONS
     state: str = topics.SPEED_STATE
-
-    @classmethod
-    def with_prefix(cls, prefix: str) -> Topics:
-        return cls(*(prefix + getattr(cls(), f.name) for f in fields(cls)))
-
-
-def _ms(ts: datetime | int) -> int:
-    if isinstance(ts, datetime):
-        return int(ts.timestamp() * 1000)
-    return int(ts)
 
 
 def recommendation(model: foldin.Model, folded: foldin.Folded, state: UserState,
@@ -118,6 +108,7 @@ class SpeedLayer:
         self.model: foldin.Model | None = None
         self.normals: OrderedDict[str, foldin.Normal] = OrderedDict()  # of self.model, LRU
         self.assembler = factors.Assembler()
+        self._complete: factors.Factors | None = None  # completed, not switched to yet
         self.counts: Counter[str] = Counter()
         self.producer = Producer(kafka.producer_config(settings, **{"linger.ms": 1}))
         self.sales = Consumer(kafka.consumer_config(
@@ -137,23 +128,13 @@ class SpeedLayer:
     # -- model -------------------------------------------------------------------------------
     def load_factors(self, timeout: float = 60.0) -> None:
         """Read `model-factors` from the beginning to its end now, so the first batch already
-        folds in against the current model."""
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-        topic = self.topics.model_factors
-        meta = self.factor_reader.list_topics(topic, timeout=15).topics[topic]
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        ends = {tp.partition: self.factor_reader.get_watermark_offsets(tp, timeout=15)[1]
-                for tp in parts}
-        self.factor_reader.assign(parts)
-        left = {p for p, end in ends.items() if end > 0}
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            for m in self.factor_reader.consume(num_messages=100, timeout=0.5):
-                if m.error() is None:
-                    self._on_factor(m)
-                    if m.offset() + 1 >= ends[m.partition()]:
-                        left.discard(m.partition())
+        folds in against the current model; `poll_factors` goes on from there."""
+        try:
+            for m in kafka.iter_to_end(self.factor_reader, self.topics.model_factors,
+                                       timeout=timeout):
+                self._on_factor(m)
+        except TimeoutError as exc:  # go on: `poll_factors` reads the rest as it comes
+            log.warning("%s", exc)
         self._switch_if_complete()
         m = self.model
         log.info("model factors read: %s", "no complete model yet (lists start with the first "
@@ -173,8 +154,6 @@ class SpeedLayer:
         done = self.assembler.add(record)
         if done is not None:
             self._complete = done
-
-    _complete: factors.Factors | None = None
 
     def poll_factors(self) -> None:
         for m in self.factor_reader.consume(num_messages=100, timeout=0):
@@ -222,28 +201,16 @@ class SpeedLayer:
     def _restore(self, partitions: list[int]) -> None:
         """Each assigned partition's users from the changelog (read to its end; the last record
         of a user wins, as compaction would keep it)."""
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import Consumer
 
         reader = Consumer(kafka.consumer_config(self.settings, f"{self.group}-restore"))
         try:
-            tps = [TopicPartition(self.topics.state, p, OFFSET_BEGINNING) for p in partitions]
-            ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=15)[1] for tp in tps}
-            reader.assign(tps)
-            left = {p for p, end in ends.items() if end > 0}
-            deadline = time.monotonic() + RESTORE_TIMEOUT
-            while left:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.topics.state} partitions {sorted(left)} not read "
-                                       f"to their end in {RESTORE_TIMEOUT:.0f} s")
-                for m in reader.consume(num_messages=5000, timeout=1.0):
-                    if m.error() is not None:
-                        continue
-                    if m.value() is not None:
-                        state = UserState.of(codec.decode(m.value(), expect="SpeedState")[1])
-                        self.states[state.user_id] = state
-                        self.normals.pop(state.user_id, None)
-                    if m.offset() + 1 >= ends[m.partition()]:
-                        left.discard(m.partition())
+            for m in kafka.iter_to_end(reader, self.topics.state, partitions,
+                                       timeout=RESTORE_TIMEOUT):
+                if m.value() is not None:
+                    state = UserState.of(codec.decode(m.value(), expect="SpeedState")[1])
+                    self.states[state.user_id] = state
+                    self.normals.pop(state.user_id, None)
         finally:
             reader.close()
 

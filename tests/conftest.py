@@ -118,3 +118,30 @@ def _spark_memory_released_after_each_module():
         _SPARK[0].catalog.clearCache()
         gc.collect()  # Python proxies released -> Spark's ContextCleaner frees their JVM side
         _SPARK[0].sparkContext._jvm.System.gc()
+
+
+# --- Tiers --------------------------------------------------------------------------------------
+# Each test belongs to exactly one tier, and a tier's name is a promise about what it starts:
+# `make test-unit` must run with no JVM and no broker, `make test-spark` with no broker.
+TIERS = ("unit", "spark", "integration", "browser", "reliability")
+_SERVICES = {  # fixtures that start something, and the tiers allowed to ask for them
+    "spark": {"spark", "integration", "browser", "reliability"},
+    "broker": {"integration", "browser", "reliability"},
+    "broker_factory": {"integration", "browser", "reliability"},
+    "cluster": {"reliability"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    errors = []
+    for item in items:
+        tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if len(tiers) != 1:
+            errors.append(f"{item.nodeid}: needs exactly one tier marker of {TIERS}, has {tiers}")
+            continue
+        for fixture in sorted(set(getattr(item, "fixturenames", ())) & _SERVICES.keys()):
+            if tiers[0] not in _SERVICES[fixture]:
+                errors.append(f"{item.nodeid}: a {tiers[0]} test may not use the {fixture!r} "
+                              f"fixture (allowed in: {', '.join(sorted(_SERVICES[fixture]))})")
+    if errors:
+        raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(errors))

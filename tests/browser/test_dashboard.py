@@ -31,7 +31,7 @@ from recsys.kafka import producer_config
 from recsys.settings import load
 from schemas import codec, topics
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.browser
 log = logging.getLogger(__name__)
 
 CHROMIUM = "/usr/bin/chromium"

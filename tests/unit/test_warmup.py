@@ -66,15 +66,3 @@ def test_a_failed_warm_up_is_logged_and_ingest_goes_on(tmp_path, monkeypatch, ca
     assert "warm-up failed" in caplog.text and job._warmed
 
 
-def test_the_warm_up_trains_on_spark_and_leaves_nothing(spark, tmp_path, caplog):
-    settings = load(data_dir=tmp_path / "var", store_path=str(tmp_path / "store"))
-    pipeline_log = logging.getLogger("spark.pipeline")
-    before = pipeline_log.level
-    with caplog.at_level(logging.INFO):
-        seconds = warmup.warm_up(spark, settings)
-    assert seconds > 0
-    assert "warmed up for the first model" in caplog.text
-    assert "model 0:" not in caplog.text  # the throw-away model is not logged like a real one
-    assert pipeline_log.level == before
-    assert not (tmp_path / "store" / "_warmup").exists()
-    assert not (tmp_path / "var").exists()  # no index, no model stored

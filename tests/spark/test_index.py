@@ -8,7 +8,7 @@ import pytest
 
 from spark import index
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 
 def _ids(spark, *values: str):

@@ -9,7 +9,7 @@ import pytest
 
 from spark import graphx
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 EDGES = "src string, dst string"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 import fastavro
 import pytest
@@ -16,7 +15,7 @@ from schemas import codec
 from spark import ingest, publish
 from spark.store import Store, StoreState, offset_ranges
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 KAFKA = "value binary, topic string, partition int, offset long"
 SALE = {
@@ -165,43 +164,6 @@ def test_recommendations_round_trip_through_the_codec(spark):
     assert codec.decode(out[b"u2"])[1]["items"] == []
 
 
-def test_model_ready_record_encodes_with_lineage():
-    result = SimpleNamespace(
-        model_version=3, events=1000, users=10, products=20,
-        event_time_min=datetime(2010, 12, 1), event_time_max=datetime(2011, 2, 28),
-        params={"rank": 8}, metrics={"precision_at_k": 0.1, "rmse": float("nan")},
-        baseline_metrics={"precision_at_k": 0.05}, train_seconds=1.5, model_path="/m/3",
-    )
-    offsets = [{"topic": "sales", "partition": 0, "from_offset": 0, "to_offset": 99}]
-    record = publish.model_ready_record(result, "threshold", offsets, 2.0)
-    again = publish.model_ready_record(result, "threshold", offsets, 9.0)
-    assert record["model_id"] == again["model_id"]  # deterministic on version and lineage
-    name, back = codec.decode(codec.encode("ModelReady", record))
-    assert name == "ModelReady"
-    assert back["offsets"] == offsets
-    assert back["params"] == {"rank": "8"}
-    assert back["event_time_min"] == datetime(2010, 12, 1, tzinfo=UTC)
-    assert back["trigger"] == "threshold"
-
-
-def test_topics_with_a_prefix():
-    t = publish.Topics.with_prefix("t1.")
-    assert (t.sales, t.dlq, t.model_ready, t.recommendations, t.graph_edges) == (
-        "t1.sales", "t1.sales.dlq", "t1.model-ready", "t1.recommendations", "t1.graph-edges")
-
-
-def test_state_counts_a_rerun_batch_once():
-    s = StoreState()
-    s.count_batch("q/0", 10, now=1.0)
-    s.count_batch("q/1", 5, now=2.0)
-    s.count_batch("q/1", 5, now=3.0)  # batch 1 again after a crash: replaced, not added
-    assert (s.events, s.since_model, s.pending_since) == (15, 15, 1.0)
-    s.model_trained(s.events, now=4.0)
-    assert (s.since_model, s.pending_since, s.last_model_at) == (0, None, 4.0)
-    s.count_batch("q/1", 5, now=5.0)  # a re-run after the model: still nothing new
-    assert s.since_model == 0
-
-
 @pytest.mark.parametrize("ids_via", ["pyarrow", "spark"])
 def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
     spark, tmp_path, monkeypatch, ids_via
@@ -235,42 +197,6 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
     state = StoreState(events=7)
     store.save_state(state)
     assert store.load_state() == state
-
-
-def test_lag_reads_progress_offsets_as_json_or_repr():
-    from spark.job import lag
-
-    end = "{'sales': {'0': 10, '1': 20}}"  # PySpark 4 hands a dict's repr
-    assert lag(end, '{"sales": {"0": 15, "1": 20}}') == 5
-    assert lag({"sales": {"0": 10}}, {"sales": {"0": 10, "1": 3}}) == 3  # a new partition
-    assert lag(end, None) is None
-
-
-def test_ranges_name_the_offsets_a_batch_read():
-    from spark.job import ranges
-
-    end = "{'sales': {'0': 10, '1': 20, '2': 7}}"
-    assert ranges("None", end) == "sales[0]@0-9, sales[1]@0-19, sales[2]@0-6"  # a first batch
-    assert ranges('{"sales": {"0": 4, "1": 20, "2": 7}}', end) == "sales[0]@4-9"
-    assert ranges(None, "not offsets") == "?"
-
-
-def test_training_is_due_at_the_threshold_or_after_max_wait(tmp_path):
-    from recsys.settings import load
-    from spark.job import StreamJob
-
-    job = StreamJob(None, load(data_dir=tmp_path, train_threshold=100))
-    job.state = StoreState(events=99, pending_since=1000.0)
-    assert job.due(now=5000.0) is None  # max-wait is off by default
-    job.state.events = 100
-    assert job.due(now=1000.0) == "threshold"
-
-    job = StreamJob(None, load(data_dir=tmp_path, train_threshold=100, train_max_wait_seconds=60))
-    job.state = StoreState(events=5, pending_since=1000.0)
-    assert job.due(now=1059.0) is None
-    assert job.due(now=1060.0) == "max_wait"
-    job.state = StoreState(events=5, events_at_model=5, last_model_at=0.0)
-    assert job.due(now=1e9) is None  # nothing new since the last model
 
 
 def test_model_versions_come_from_latest_or_the_model_folders(spark, tmp_path):

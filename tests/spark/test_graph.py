@@ -5,7 +5,6 @@ through pandas and Spark and writing twice gives the same bytes."""
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import pytest
 
 from spark import graph, graph_export
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 SALE = ("event_id string, user_id string, product_id string, quantity int, "
         "event_time timestamp, description string")
@@ -53,14 +52,6 @@ def built(spark):
     g = graph.build(spark, _result(spark), _sales(spark))
     yield g
     g.unpersist()
-
-
-def test_gini_and_coverage_of_known_distributions() -> None:
-    assert graph.gini([(0, 1), (1, 3), (3, 1)]) == pytest.approx(0.4)  # [0, 1, 1, 1, 3]
-    assert graph.gini([(2, 4)]) == pytest.approx(0.0)
-    assert graph.gini([(0, 3), (5, 1)]) == pytest.approx(3 / 4)  # one of four holds all
-    assert math.isnan(graph.gini([(0, 2)]))
-    assert graph.coverage([(0, 2), (1, 1), (2, 2)]) == pytest.approx(0.6)
 
 
 def test_degrees_distribution_coverage_and_gini(built) -> None:
@@ -128,15 +119,6 @@ def test_graphx_measures_and_figures(built) -> None:
     assert head["graph_components"] == 1.0 and all(k.startswith("graph_") for k in head)
     tops = {(r["graph"], r["product_id"]): r["pagerank"] for r in built.top_products}
     assert tops[("purchases", "A")] == pytest.approx(verts["p:A"]["purchase_pagerank"])
-
-
-def test_group_numbers_and_top_share() -> None:
-    labels = pd.Series(["x", "y", "y", "z", "z", "z", "w"])
-    linked = pd.Series([True, True, True, True, True, True, False])
-    assert list(graph.numbered(labels, linked)) == [3, 2, 2, 1, 1, 1, 0]
-    assert graph.top_share(pd.Series([1.0] * 99 + [99.0])) == pytest.approx(0.5)
-    assert graph.top_share(pd.Series([2.0, 1.0, 1.0]), share=0.5) == pytest.approx(0.75)
-    assert math.isnan(graph.top_share(pd.Series([], dtype=float)))
 
 
 def test_edges_carry_the_closest_bought_products(built) -> None:

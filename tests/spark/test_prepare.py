@@ -12,9 +12,9 @@ import pytest
 
 from recsys.settings import load
 from spark import prepare
-from spark.csv_input import CsvMapping, java_pattern, read_purchases
+from spark.csv_input import CsvMapping, read_purchases
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 SALE = (
     "event_id string, user_id string, product_id string, quantity int, event_time timestamp"
@@ -212,11 +212,3 @@ def test_csv_reader_maps_like_the_producer(spark, tmp_path: Path) -> None:
     assert last["unit_price"] is None and last["country"] is None
 
 
-def test_strptime_formats_become_java_patterns() -> None:
-    # one letter (one or two digits, as strptime reads them) unless a directive follows
-    assert java_pattern("%Y-%m-%d %H:%M:%S") == "yyyy-M-d H:m:s"
-    assert java_pattern("%d/%m/%Y %H:%M") == "d/M/yyyy H:m"
-    assert java_pattern("%Y-%m-%dT%H:%M") == "yyyy-M-d'T'H:m"
-    assert java_pattern("%Y%m%d%H%M") == "yyyyMMddHHm"
-    with pytest.raises(ValueError):
-        java_pattern("%Q")

@@ -14,7 +14,7 @@ from recsys.settings import load
 from spark import pipeline, recommend, train
 from spark.pipeline import index_path, run_training, save
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 MATRIX = "user int, item int, rating float"
 

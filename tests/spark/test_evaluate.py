@@ -11,7 +11,7 @@ from pyspark.mllib.evaluation import RankingMetrics
 from recsys.settings import load
 from spark import evaluate, train
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.spark
 
 # Items are numbers: A=1, B=2, C=3, D=4, X=24, Y=25, Z=26.
 RECS = [  # (user, item, rank)

@@ -12,10 +12,10 @@ export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup demo test test-unit bench lint clean .debs-installed
+.PHONY: help setup demo test test-unit test-spark test-integration test-browser test-reliability bench lint clean .debs-installed
 
 help: ## show this help
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 # Our GraphX bridge (Java, jvm/src/): compiled by the same pom into jvm/lib/spark/, on spark.jars.
 BRIDGE_SRC := $(shell find jvm/src -name '*.java' 2>/dev/null)
@@ -56,8 +56,20 @@ demo: setup ## run the main job on the embedded default (local broker, Spark loc
 test: setup lint ## run every test tier (starts its own broker, Spark, workers)
 	$(BIN)/pytest
 
-test-unit: setup ## unit tests only (no services, seconds)
+test-unit: $(VENV)/.installed ## unit tier: pure logic, no JVM, no broker (seconds)
 	$(BIN)/pytest -m unit
+
+test-spark: setup ## spark tier: a real local Spark session, no broker
+	$(BIN)/pytest -m spark
+
+test-integration: setup ## integration tier: real broker, Spark, Faust worker
+	$(BIN)/pytest -m integration
+
+test-browser: setup ## browser tier: a real Bokeh server in real headless Chromium
+	$(BIN)/pytest -m browser
+
+test-reliability: setup ## reliability tier: faults injected on the loopback cluster
+	$(BIN)/pytest -m reliability
 
 bench: setup ## run the benchmarks and print the ratios
 	$(BIN)/python -m bench

@@ -350,7 +350,11 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
                                    worker.log_path.read_text())[-1])
         assert recovered < total, "killed after the last sale: the restart had nothing to read"
         worker.wait_for("every sale", lambda: worker.stats()["sales"]["events"] >= total)
-        time.sleep(2)  # anything counted twice would show up now
+        # The reader commits only what it counted: once its commits reach the end of `sales`,
+        # every record was read after the restart, so a sale counted twice would show now.
+        ends = sales_ends(settings)
+        worker.wait_for("the reader's commits at the end of sales",
+                        lambda: sales_committed(settings, "recsys-aggregate-sales") == ends)
         stats = worker.stats()
         want = expected(settings, lists, stats["ingest"]["stream_time"], shadow)
 

@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the project needs (browser tests drive Debian's Chromium; kcat for raw reads).
-DEB_PACKAGES := chromium chromium-driver kcat
+DEB_PACKAGES := chromium chromium-driver kcat openssl
 
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python

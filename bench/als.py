@@ -21,7 +21,7 @@ from scipy.sparse import csr_matrix
 
 from recsys import paths
 from recsys.settings import Settings, load
-from spark import evaluate, prepare, recommend, train
+from spark import evaluate, prepare, recommend, train, train_path
 from spark.csv_input import read_purchases_csv
 from spark.index import update_index
 from spark.session import build
@@ -79,7 +79,7 @@ def _run(spark, settings: Settings) -> None:
     catalog = train_m.select("item").distinct().count()
 
     model, spark_seconds = train.fit(train_m, settings)
-    spark_recs = recommend.top_items(model, eval_users, k, bought)
+    spark_recs = recommend.top_items(model, eval_users, k, bought, train_path.DRIVER)
     spark_p = evaluate.ranking_metrics(spark_recs, relevant, k, catalog)["precision_at_k"]
 
     rows = train_m.select("user", "item", "rating").toPandas()

@@ -60,7 +60,8 @@ def _trained(spark, sales, settings: Settings, version: int) -> Trained:
     from spark import pipeline, publish
     from speed import foldin
 
-    result = pipeline.run_training(spark, sales, settings, version)
+    result = pipeline.run_training(spark, sales, settings, version,
+                                   indexes=pipeline.load_indexes(spark, settings))
     result.recommendations.unpersist()
     ids, y = publish.item_factors_local(result)
     model = foldin.Model(factors.assemble(version, list(

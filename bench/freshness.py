@@ -89,7 +89,8 @@ def train_and_publish(settings: Settings, topic: str) -> tuple[list[tuple[str, s
     spark = build(settings, "bench-freshness")
     try:
         sales = read_purchases_csv(spark, paths.BUNDLED_DATA).cache()
-        result = pipeline.run_training(spark, sales, settings, 1)
+        result = pipeline.run_training(spark, sales, settings, 1,
+                                       indexes=pipeline.load_indexes(spark, settings))
         result.recommendations.unpersist()
         publish.publish_factors(result, [], settings, topic)
         catalogue = set(publish.item_factors_local(result)[0])

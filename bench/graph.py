@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     spark = session.build(settings, "bench-graph")
     try:
         sales = read_purchases_csv(spark, BUNDLED_DATA).cache()
-        result = pipeline.run_training(spark, sales, settings, model_version=1)
+        result = pipeline.run_training(spark, sales, settings, model_version=1,
+                                       indexes=pipeline.load_indexes(spark, settings))
         started = time.perf_counter()
         g = graph.build(spark, result, sales)
         built = time.perf_counter() - started

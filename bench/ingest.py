@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 
-from recsys.settings import Settings, load
+from recsys.settings import Settings, load, override
 
 log = logging.getLogger("bench.ingest")
 
@@ -72,8 +72,7 @@ def spark_ingest(settings: Settings, prefixes: list[str]) -> list[tuple[float, i
     out = []
     try:
         for prefix in prefixes:
-            own = load(**{**settings.model_dump(),
-                          "data_dir": str(settings.data_dir / prefix.strip("."))})
+            own = override(settings, data_dir=str(settings.data_dir / prefix.strip(".")))
             job = StreamJob(spark, own, Topics.with_prefix(prefix))
             started = time.perf_counter()
             job.start(available_now=True)

@@ -25,9 +25,10 @@ from recsys.kafka import producer_config
 from recsys.settings import Settings, load
 from recsys.topics import create_like
 from schemas import codec
+from schemas.flat_encoder import encoder
 from schemas.topics import SALES, SALES_DLQ
 from streams.csv_source import CsvSource
-from streams.producer import SalesProducer, encoder
+from streams.producer import SalesProducer
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 
-from recsys.settings import Settings, load
+from recsys.settings import Settings, load, override
 
 log = logging.getLogger("bench.retrain")
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         topics = Topics.with_prefix(prefix)
         topic_admin.create_topics(base, names=topic_admin.renamed(prefix))
         n = produce(base, topics.sales, topics.dlq, args.limit)
-        settings = load(**{**base.model_dump(), "train_threshold": n})
+        settings = override(base, train_threshold=n)
         spark = session.build(settings, "bench-retrain")
         try:
             job = StreamJob(spark, settings, topics)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recsys import paths
-from recsys.procs import alive, cmdline
+from recsys.procs import alive, pid_from_file, wait_exit
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,29 @@ class BrokerError(RuntimeError):
 # --- configuration --------------------------------------------------------------------------------
 
 
-def server_properties(data_dir: Path, port: int, controller_port: int) -> dict[str, str]:
-    """The broker's server.properties: one node, loopback only, every replication factor 1.
+def server_properties(
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    *,
+    node_id: int = NODE_ID,
+    voters: str | None = None,
+    replicas: int = 1,
+) -> dict[str, str]:
+    """The broker's server.properties: loopback only; by default one node with every replication
+    factor 1. A node of the loopback cluster (recsys/cluster.py) passes its `node_id`, the static
+    quorum `voters` ("1@127.0.0.1:p1,2@...") and `replicas` 3 (then min ISR 2, as in
+    docker-compose.yml).
 
     Kept a pure function so a unit test can check the safety-relevant keys without a JVM.
     """
     data_dir = Path(data_dir).absolute()
+    rf, min_isr = str(replicas), str(max(1, replicas - 1))
     return {
-        # --- one JVM is broker and controller; a static one-voter quorum survives port changes
+        # --- one JVM is broker and controller; a static quorum survives port changes
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
-        "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@127.0.0.1:{controller_port}",
         "controller.listener.names": "CONTROLLER",
         # --- loopback only: a laptop broker is never reachable from the network
         "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
@@ -82,16 +94,17 @@ def server_properties(data_dir: Path, port: int, controller_port: int) -> dict[s
         "auto.create.topics.enable": "false",
         "delete.topic.enable": "true",
         "num.partitions": "1",
-        # --- one node: every replication factor and min ISR is 1, internal topics stay small
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
-        "offsets.topic.replication.factor": "1",
+        # --- one node: every replication factor and min ISR is 1 (a cluster: 3 and 2), internal
+        # topics stay small
+        "default.replication.factor": rf,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": rf,
         "offsets.topic.num.partitions": "4",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": min_isr,
         "transaction.state.log.num.partitions": "4",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": min_isr,
         "share.coordinator.state.topic.num.partitions": "4",
         "group.initial.rebalance.delay.ms": "0",
         # --- after a SIGKILL the restarted controller waits out the dead broker's session before
@@ -193,10 +206,25 @@ class LocalBroker:
         jvm_opts: Sequence[str] = DEFAULT_JVM_OPTS,
         class_sharing: bool = True,
         die_with_parent: bool = False,
+        node_id: int = NODE_ID,
+        voters: str | None = None,
+        replicas: int = 1,
+        format_cluster_id: str | None = None,
+        secure: bool = False,
     ) -> None:
         """`die_with_parent`: the kernel kills the JVM when the thread that started it ends
         (Linux, PR_SET_PDEATHSIG via setpriv), so an aborted test run leaves no broker behind.
-        Honoured only when starting from the main thread; other threads end too soon."""
+        Honoured only when starting from the main thread; other threads end too soon.
+
+        A node of a cluster (recsys/cluster.py): `node_id`, the quorum `voters`, `replicas` 3
+        and the cluster id all its nodes are formatted with (`format_cluster_id`).
+
+        `secure`: TLS + SASL/SCRAM only, an ACL per role (recsys/security.py holds the how)."""
+        self.secure = secure
+        self.node_id = node_id
+        self.voters = voters
+        self.replicas = replicas
+        self.format_cluster_id = format_cluster_id
         self.data_dir = Path(data_dir).absolute()
         self.port = int(port)
         self._explicit_controller_port = controller_port is not None
@@ -208,6 +236,7 @@ class LocalBroker:
         self.class_sharing = class_sharing
         self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started, self._log_offset = time.monotonic(), 0
 
     def __repr__(self) -> str:
         return f"LocalBroker({self.bootstrap}, {self.data_dir}, pid={self.pid})"
@@ -239,7 +268,14 @@ class LocalBroker:
         return read_properties(self.log_dir / "meta.properties").get("cluster.id")
 
     def properties(self) -> dict[str, str]:
-        return server_properties(self.data_dir, self.port, self.controller_port)
+        props = server_properties(self.data_dir, self.port, self.controller_port,
+                                  node_id=self.node_id, voters=self.voters, replicas=self.replicas)
+        if self.secure:
+            from recsys import security
+
+            props.update(security.broker_properties(self.data_dir, self.port,
+                                                    self.controller_port))
+        return props
 
     # --- state
     @property
@@ -249,16 +285,7 @@ class LocalBroker:
             if self._proc.poll() is None and alive(self._proc.pid):
                 return self._proc.pid
             self._proc = None
-        try:
-            pid = int(self.pid_path.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        if not alive(pid):
-            return None
-        cmd = cmdline(pid)
-        if cmd is not None and ("kafka.Kafka" not in cmd or str(self.properties_path) not in cmd):
-            return None  # the pid file is stale and the pid now belongs to another process
-        return pid
+        return pid_from_file(self.pid_path, "kafka.Kafka", str(self.properties_path))
 
     def is_running(self) -> bool:
         return self.pid is not None
@@ -269,11 +296,13 @@ class LocalBroker:
         return cid is not None and self._probe(timeout) == cid
 
     # --- lifecycle
-    def start(self, timeout: float = 60.0) -> LocalBroker:
+    def start(self, timeout: float = 60.0, *, wait: bool = True) -> LocalBroker:
         """Start the JVM (formatting the folder the first time) and return once it answers.
 
         Raises BrokerError naming the cause and quoting broker.log; a JVM that did not become
-        ready in time is killed, so a failed start leaves nothing running.
+        ready in time is killed, so a failed start leaves nothing running. `wait=False` returns
+        once the JVM runs: a cluster's nodes answer only once a quorum of them runs, so the
+        cluster launches all, then calls `wait_ready` on each.
         """
         if (pid := self.pid) is not None:
             raise BrokerError(f"a broker for {self.data_dir} is already running (pid {pid})")
@@ -286,7 +315,17 @@ class LocalBroker:
             raise BrokerError(str(exc)) from None
         self._check_ports()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.properties_path.write_text(render_properties(self.properties()))
+        if self.secure:  # certificates, passwords; the properties then hold secrets: 0600
+            from recsys import security
+
+            try:
+                security.prepare(self.data_dir)
+                security.check_formatted(self.data_dir, self.cluster_id is not None)
+            except security.SecurityError as exc:
+                raise BrokerError(str(exc)) from None
+            security.write_private(self.properties_path, render_properties(self.properties()))
+        else:
+            self.properties_path.write_text(render_properties(self.properties()))
         self._rotate_log()
         self._promote_class_archive()
         if self.cluster_id is None:
@@ -321,12 +360,25 @@ class LocalBroker:
             )
         self.pid_path.write_text(f"{self._proc.pid}\n")
         log.info("broker pid %d starting on %s (%s)", self._proc.pid, self.bootstrap, self.data_dir)
+        self._started, self._log_offset = started, offset
+        return self.wait_ready(timeout) if wait else self
+
+    def wait_ready(self, timeout: float = 60.0) -> LocalBroker:
+        """Return once the JVM `start` launched answers; killed (BrokerError) when it does not."""
         try:
-            self._wait_ready(timeout, offset)
+            self._wait_ready(timeout, self._log_offset)
         except BrokerError:
             self._force_kill()
             raise
-        log.info("broker ready on %s in %.1fs", self.bootstrap, time.monotonic() - started)
+        if self.secure:  # every role's ACLs, idempotently, before any client comes
+            from recsys import security
+
+            try:
+                security.apply_acls(self.data_dir, self.bootstrap)
+            except security.SecurityError as exc:
+                self._force_kill()
+                raise BrokerError(str(exc)) from None
+        log.info("broker ready on %s in %.1fs", self.bootstrap, time.monotonic() - self._started)
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -358,8 +410,9 @@ class LocalBroker:
     # --- internals
     def _previous_controller_port(self) -> int | None:
         voters = read_properties(self.properties_path).get("controller.quorum.voters", "")
+        mine = [v for v in voters.split(",") if v.startswith(f"{self.node_id}@")] or [voters]
         try:
-            return int(voters.rsplit(":", 1)[1])
+            return int(mine[0].rsplit(":", 1)[1])
         except (IndexError, ValueError):
             return None
 
@@ -376,16 +429,25 @@ class LocalBroker:
 
     def _format(self, java: str, classpath: str) -> None:
         """Format the storage once, with a cluster id of our own (skipped once formatted)."""
-        cid = new_cluster_id()
+        cid = self.format_cluster_id or new_cluster_id()
         cmd = [
             java, "-Xmx256m", *self.jvm_opts, *self._class_sharing_opts(dump=False),
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
             "-cp", classpath, "kafka.tools.StorageTool", "format",
             "--cluster-id", cid, "--config", str(self.properties_path),
         ]  # fmt: skip
+        if self.secure:  # SCRAM users at format time, through a 0600 argument file
+            from recsys import security
+
+            at = cmd.index("-cp")
+            cmd = [*cmd[:at], f"@{security.format_argfile(self.data_dir, cmd[at:])}"]
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
             rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+        if self.secure:
+            from recsys import security
+
+            security.mark_formatted(self.data_dir, ok=rc == 0)  # the argument file goes
         if rc != 0 or self.cluster_id != cid:
             raise BrokerError(
                 f"formatting {self.log_dir} failed (exit {rc})" + self._log_excerpt(offset)
@@ -400,7 +462,12 @@ class LocalBroker:
         from confluent_kafka.admin import AdminClient
 
         # log_level 0: connection refusals while the JVM starts are expected, not errors.
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        conf = {"bootstrap.servers": self.bootstrap, "log_level": 0}
+        if self.secure:  # the launcher's own admin login
+            from recsys import security
+
+            conf = {**security.admin_client_config(self.data_dir, self.bootstrap), "log_level": 0}
+        admin = AdminClient(conf)
         try:
             md = admin.list_topics(timeout=timeout)
         except KafkaException:
@@ -437,18 +504,7 @@ class LocalBroker:
             pass
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
-        if self._proc is not None and self._proc.pid == pid:
-            try:
-                self._proc.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return wait_exit(pid, timeout, self._proc)
 
     def _force_kill(self) -> None:
         pid = self.pid
@@ -554,11 +610,12 @@ def bootstrap_port(bootstrap: str) -> int:
 def cli(settings: Settings, args: argparse.Namespace) -> int:
     """`recsys broker start|stop|status` on <data_dir>/kafka."""
     port = args.port or bootstrap_port(settings.kafka_bootstrap)
-    broker = LocalBroker(settings.data_dir / "kafka", port, heap_mb=settings.broker_heap_mb)
+    broker = LocalBroker(settings.data_dir / "kafka", port, heap_mb=settings.broker_heap_mb,
+                         secure=settings.broker_secure)
     running = broker.pid
     # The running broker may listen elsewhere than asked: report what its properties say.
     actual = read_properties(broker.properties_path).get("advertised.listeners", "")
-    actual = actual.removeprefix("PLAINTEXT://") or broker.bootstrap
+    actual = actual.split("://", 1)[-1] or broker.bootstrap
     if args.action == "start":
         if running is not None:
             print(f"broker already running: pid {running}, {actual} ({broker.data_dir})")
@@ -589,7 +646,8 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
     if running is None:
         print(f"broker stopped ({broker.data_dir})")
         return 1
-    answering = LocalBroker(broker.data_dir, bootstrap_port(actual)).is_ready(timeout=5)
+    answering = LocalBroker(broker.data_dir, bootstrap_port(actual),
+                            secure=broker.secure).is_ready(timeout=5)
     print(
         f"broker running: pid {running}, {actual}, "
         f"{'answering' if answering else 'NOT answering'} ({broker.data_dir})"

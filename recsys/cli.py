@@ -26,7 +26,7 @@ defaults); the flags above override them. Typical local session:
 
 def _mapping_flags(p: argparse.ArgumentParser) -> None:
     """CSV column mapping, shared by `produce`, `train --file` and `inspect`; fitted to the file's
-    header by streams.csv_mapping.resolve (an unset flag is None there)."""
+    header by recsys.csv_mapping.resolve (an unset flag is None there)."""
     g = p.add_argument_group(
         "CSV mapping (unset: the bundled UCI Online Retail file's names; an optional column the "
         "file lacks is left out)")
@@ -62,12 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR (RECSYS_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    b = sub.add_parser("broker", help="start, stop or inspect the local single-node KRaft broker")
+    b = sub.add_parser(
+        "broker", help="start, stop or inspect the local single-node KRaft broker",
+        description="The local broker, data in <RECSYS_DATA_DIR>/kafka. With "
+        "RECSYS_BROKER_SECURE=true it is secured: one SASL_SSL port (CA and certificate made on "
+        "first start), a SCRAM-SHA-512 user and least-privilege ACLs per role, no plaintext "
+        "port; credentials under <RECSYS_DATA_DIR>/kafka/security/ (README: Security).")
     b.add_argument("action", choices=["start", "stop", "status"])
     b.add_argument("--port", type=int, default=None,
                    help="client port (default: the port of RECSYS_KAFKA_BOOTSTRAP)")
     b.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready/stopped")
     b.set_defaults(handler="recsys.broker:cli")
+
+    cl = sub.add_parser(
+        "cluster",
+        help="start, stop or inspect the loopback cluster: 3 KRaft brokers, Spark master + 2 workers",
+        description="docker-compose.yml's topology as processes on 127.0.0.1, for machines "
+        "without a container engine: three combined broker+controller nodes (quorum of three, "
+        "replication 3, min.insync.replicas 2) on 29092, 39092, 49092, a Spark standalone master "
+        "(spark://127.0.0.1:7077, UI on 8080) and two workers of one core each. State, logs and the "
+        "shared store/checkpoints/models live under <data_dir>/cluster. `up` also creates the "
+        "declared topics and prints the RECSYS_* variables that point the product at it.",
+    )
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--timeout", type=float, default=180.0,
+                    help="seconds to wait for ready/stopped (default %(default)s)")
+    cl.set_defaults(handler="recsys.cluster:cli")
 
     t = sub.add_parser("topics", help="create (idempotently) or list the declared topics")
     t.add_argument("action", choices=["create", "list"])
@@ -122,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--once", action="store_true",
                     help="read what is on the topic now (training at the threshold), then exit")
     st.add_argument("--topic-prefix", help=argparse.SUPPRESS)
-    st.set_defaults(handler="spark.job:stream_cli")
+    st.set_defaults(handler="spark.cli:stream_cli")
 
     tr = sub.add_parser(
         "train",
@@ -134,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--file", help="purchases CSV, plain or .gz, instead of the store")
     _mapping_flags(tr)
     tr.add_argument("--topic-prefix", help=argparse.SUPPRESS)
-    tr.set_defaults(handler="spark.csv_input:train_cli")
+    tr.set_defaults(handler="spark.cli:train_cli")
 
     tu = sub.add_parser(
         "tune",
@@ -160,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--file", required=True, help="CSV, plain or .gz")
     ins.add_argument("--rows", type=int, default=5, help="rows to show (default %(default)s)")
     _mapping_flags(ins)
-    ins.set_defaults(handler="streams.csv_mapping:inspect_cli")
+    ins.set_defaults(handler="recsys.csv_mapping:inspect_cli")
 
     sp = sub.add_parser(
         "speed",
@@ -266,6 +286,11 @@ def _resolve(spec: str) -> Callable[[settings_mod.Settings, argparse.Namespace],
     return getattr(import_module(module), func)
 
 
+# Commands that reach no broker, or start it (the credentials check of `main` skips them).
+OFFLINE_COMMANDS = frozenset({"config", "inspect", "report", "broker", "up", "down", "status",
+                              "demo"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -279,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.setup(settings.log_level)
     try:
+        if settings.secured and args.command not in OFFLINE_COMMANDS:
+            # Refused credentials: one line naming the setting, before a client repeats the
+            # refusal in its log twice a second (recsys/kafka.py login_problem).
+            from recsys.kafka import login_problem
+
+            if (problem := login_problem(settings)) is not None:
+                raise settings_mod.SettingsError(problem)
         return _resolve(args.handler)(settings, args) or 0
     except settings_mod.SettingsError as exc:
         print(f"recsys: {exc}", file=sys.stderr)
@@ -286,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
+    except Exception as exc:  # Kafka refused this principal: one line, not a traceback
+        from recsys.kafka import refusal_line
+
+        if not settings.secured or (line := refusal_line(settings, exc)) is None:
+            raise
+        print(f"recsys: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

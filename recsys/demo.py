@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from recsys import supervisor
+from recsys.security import role_env
 from recsys.settings import Settings, load
 from schemas import codec
 from schemas.topics import FOLD_IN, MODEL_READY, PROMOTED, RECOMMENDATIONS, SALES
@@ -213,13 +214,17 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
         url = f"http://{demo.dashboard_host}:{demo.dashboard_port}/"
         if "dashboard" in roles:
             print(f"recsys demo: watch it live at {url}")
+            if demo.broker_secure:  # the token itself is never printed
+                token = demo.data_dir / "kafka" / "security" / "dashboard.token"
+                print(f"recsys demo: secured; open {url}?token=$(cat {token}) once")
         cmd = [sys.executable, "-m", "recsys.cli", "produce"]
         if "stream" in roles:
             cmd += ["--rate", str(DEMO_RATE)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         print("recsys demo: replaying the bundled Online Retail data into `sales`")
-        produced = subprocess.run(cmd, env={**os.environ, **_env(demo)})
+        produced = subprocess.run(cmd, env={**os.environ, **_env(demo),
+                                            **role_env(demo, "producer")})
         if produced.returncode != 0:
             print("recsys demo: the replay failed", file=sys.stderr)
             return produced.returncode

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -30,3 +32,36 @@ def cmdline(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return None
+
+
+def pid_from_file(path: Path, *marks: str) -> int | None:
+    """The live pid a pid file names, else None: no file, a dead process, or (where /proc can
+    tell) a process whose command line lacks one of `marks`, i.e. a stale file whose pid now
+    belongs to another process."""
+    try:
+        pid = int(Path(path).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not alive(pid):
+        return None
+    cmd = cmdline(pid)
+    if cmd is not None and not all(mark in cmd for mark in marks):
+        return None
+    return pid
+
+
+def wait_exit(pid: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether `pid` ended within `timeout` seconds; `proc` (our child with that pid) is reaped,
+    so it does not linger as a zombie that still counts as alive."""
+    if proc is not None and proc.pid == pid:
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

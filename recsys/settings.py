@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RECSYS_"
@@ -249,6 +249,66 @@ class Settings(BaseSettings):
         description="Comma-separated host[:port] origins browsers may open the dashboard from "
         "(Bokeh's --allow-websocket-origin). Empty: localhost and 127.0.0.1 at the port.",
     )
+    # --- training path ---------------------------------------------------------------------------
+    train_path: Literal["auto", "driver", "distributed"] = Field(
+        "auto",
+        description="Where a training cycle prepares, evaluates, recommends and explains: "
+        "driver (numpy on the Spark driver, fewer Spark jobs), distributed (Spark jobs only, "
+        "nothing big on the driver) or auto (driver up to `RECSYS_TRAIN_DRIVER_MAX_EVENTS` "
+        "events, distributed above). ALS.fit runs in Spark on both; decided once per cycle.",
+    )
+    train_driver_max_events: int = Field(
+        2_000_000,
+        ge=0,
+        description="Largest cycle (sales events) `train_path=auto` runs on the driver path; "
+        "`bench scale` measures where the distributed path starts to win.",
+    )
+    # --- Security ---------------------------------------------------------------------------------
+    broker_secure: bool = Field(
+        False,
+        description="`recsys broker start` (and `up`, `demo`) runs the local broker secured: "
+        "one SASL_SSL port (a CA and certificate made on first start), a SCRAM-SHA-512 user "
+        "and least-privilege ACLs per role, no plaintext port. Processes the launchers start "
+        "use their role's user; other commands, unless configured below, the local `admin`.",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = (
+        Field(
+            None,
+            description="How clients connect: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL. "
+            "Empty: PLAINTEXT, or with `RECSYS_BROKER_SECURE=true` SASL_SSL as the local "
+            "broker's `admin`.",
+        )
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_* protocols)."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user (SASL_* protocols).")
+    kafka_sasl_password: SecretStr = Field(
+        SecretStr(""),
+        description="SASL password; never printed (`recsys config` shows `**********`). "
+        "Prefer `RECSYS_KAFKA_SASL_PASSWORD_FILE`.",
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="A file holding the SASL password (whitespace around it ignored), instead of "
+        "`RECSYS_KAFKA_SASL_PASSWORD`."
+    )
+    kafka_ssl_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL). "
+        "Empty: the system's trust store (the local secured broker: its own CA).",
+    )
+    api_token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token the aggregator's read API asks for (`Authorization: Bearer "
+        "<token>`; /ready stays open). Empty: no token; with Kafka secured the aggregator then "
+        "refuses to start (the launchers pass a generated one).",
+    )
+    dashboard_token: SecretStr = Field(
+        SecretStr(""),
+        description="Token the dashboard asks for (open `/?token=<token>` once: a cookie keeps "
+        "it; or `Authorization: Bearer`). Empty: none; with Kafka secured the dashboard then "
+        "refuses to start (the launchers pass a generated one).",
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -303,6 +363,25 @@ class Settings(BaseSettings):
             raise ValueError("allowed: local[N], spark://host:port, yarn or k8s://...")
         return v
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_password_file", "kafka_ssl_ca_file",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _security(self) -> Settings:
+        """Combinations a client would otherwise find out about at the broker (or never)."""
+        problem = security_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def secured(self) -> bool:
+        """Kafka is reached securely (the HTTP servers then insist on their tokens)."""
+        return self.broker_secure or (self.kafka_security_protocol or "PLAINTEXT") != "PLAINTEXT"
+
     # --- derived paths ----------------------------------------------------------------------------
     @property
     def store(self) -> str:
@@ -317,7 +396,54 @@ class Settings(BaseSettings):
         return self.models_path or str((self.data_dir / "models").absolute())
 
 
+def security_problem(s: Settings) -> str | None:
+    """The one line saying what is wrong with the security settings, or None."""
+    proto = s.kafka_security_protocol
+    effective = proto or ("SASL_SSL" if s.broker_secure else "PLAINTEXT")
+    sasl, tls = effective.startswith("SASL_"), effective in ("SSL", "SASL_SSL")
+    env = ENV_PREFIX
+    pw, pw_file = s.kafka_sasl_password.get_secret_value(), s.kafka_sasl_password_file
+    if s.broker_secure and proto not in (None, "SASL_SSL"):
+        return (f"bad setting {env}KAFKA_SECURITY_PROTOCOL={proto!r}: allowed with "
+                f"{env}BROKER_SECURE=true: SASL_SSL or empty (its only port is SASL_SSL)")
+    if not sasl and (s.kafka_sasl_username or pw or pw_file):
+        name = "KAFKA_SASL_USERNAME" if s.kafka_sasl_username else (
+            "KAFKA_SASL_PASSWORD" if pw else "KAFKA_SASL_PASSWORD_FILE")
+        shown = "**********" if name == "KAFKA_SASL_PASSWORD" else str(
+            s.kafka_sasl_username or pw_file)
+        return (f"bad setting {env}{name}={shown!r}: allowed only with "
+                f"{env}KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL (it is {effective})")
+    if not tls and s.kafka_ssl_ca_file is not None:
+        return (f"bad setting {env}KAFKA_SSL_CA_FILE={str(s.kafka_ssl_ca_file)!r}: allowed only "
+                f"with {env}KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL (it is {effective})")
+    if pw and pw_file is not None:
+        return (f"bad setting {env}KAFKA_SASL_PASSWORD_FILE={str(pw_file)!r}: allowed: either it "
+                f"or {env}KAFKA_SASL_PASSWORD, not both")
+    if pw_file is not None and not Path(pw_file).is_file():
+        return (f"bad setting {env}KAFKA_SASL_PASSWORD_FILE={str(pw_file)!r}: allowed: an "
+                "existing file holding the password (no such file)")
+    if s.kafka_ssl_ca_file is not None and not Path(s.kafka_ssl_ca_file).is_file():
+        return (f"bad setting {env}KAFKA_SSL_CA_FILE={str(s.kafka_ssl_ca_file)!r}: allowed: an "
+                "existing PEM file (no such file)")
+    if sasl and not s.broker_secure:  # the local secured broker supplies what is missing
+        if not s.kafka_sasl_username:
+            return (f"bad setting {env}KAFKA_SASL_USERNAME='': allowed: a user name "
+                    f"({env}KAFKA_SECURITY_PROTOCOL={effective} authenticates)")
+        if not pw and pw_file is None:
+            return (f"bad setting {env}KAFKA_SASL_PASSWORD_FILE='': allowed: a file holding "
+                    f"the password of {s.kafka_sasl_username!r}, or {env}KAFKA_SASL_PASSWORD "
+                    f"({env}KAFKA_SECURITY_PROTOCOL={effective} authenticates)")
+    for name in ("api_token", "dashboard_token"):
+        token = getattr(s, name).get_secret_value()
+        if token and (len(token) < 16 or any(c.isspace() for c in token)):
+            return (f"bad setting {env}{name.upper()}='**********': allowed: at least 16 "
+                    "characters, no spaces")
+    return None
+
+
 def _describe(err: dict[str, Any]) -> str:
+    if not err.get("loc") and err.get("type") == "value_error":  # a whole-object check: its line
+        return str((err.get("ctx") or {}).get("error", err.get("msg")))
     field = str(err["loc"][0]) if err.get("loc") else "?"
     var = ENV_PREFIX + field.upper()
     value = err.get("input")
@@ -339,6 +465,16 @@ def load(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         raise SettingsError(_describe(exc.errors()[0])) from None
+
+
+def override(settings: Settings, **flags: Any) -> Settings:
+    """`settings` with a command's flags that were given (not None) on top, validated again like
+    the environment (a bad flag raises SettingsError naming its variable); the same object when
+    none was given. The one way every subcommand lays its flags over the settings."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return settings
+    return load(**{**settings.model_dump(), **given})
 
 
 def markdown_table() -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys.procs import alive
+from recsys.security import role_env
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ def role_available(name: str) -> bool:
     return ROLES[name][0] in sub.choices  # type: ignore[union-attr]
 
 
-def start_role(settings: Settings, name: str, extra_env: dict[str, str] | None = None) -> Service:
+def start_role(settings: Settings, name: str, extra_env: dict[str, str] | None = None,
+               extra_args: list[str] | None = None) -> Service:
+    """Start role `name` in the background; `extra_args` follow its subcommand (the fault tier
+    passes `--topic-prefix` to run a stack beside others on one cluster)."""
     svc = service(settings, name)
     if svc.pid():
         log.info("%s already running (pid %d)", name, svc.pid())
@@ -74,11 +78,12 @@ def start_role(settings: Settings, name: str, extra_env: dict[str, str] | None =
         "RECSYS_DATA_DIR": str(settings.data_dir),
         "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
         "SPARK_LOCAL_IP": "127.0.0.1",
+        **role_env(settings, name),  # the secured local broker: this role's own principal
         **(extra_env or {}),
     }
     with open(svc.log_file, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "recsys.cli", *ROLES[name]],
+            [sys.executable, "-m", "recsys.cli", *ROLES[name], *(extra_args or [])],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -120,7 +125,8 @@ def local_broker(settings: Settings):
     from recsys.broker import LocalBroker
 
     port = int(settings.kafka_bootstrap.split(",")[0].rpartition(":")[2])
-    return LocalBroker(settings.data_dir / "kafka", port=port, heap_mb=settings.broker_heap_mb)
+    return LocalBroker(settings.data_dir / "kafka", port=port, heap_mb=settings.broker_heap_mb,
+                       secure=settings.broker_secure)
 
 
 def up(settings: Settings, roles: list[str] | None = None) -> list[str]:
@@ -162,6 +168,9 @@ def cli(settings: Settings, args) -> int:
         started = up(settings)
         print(f"up: broker on {settings.kafka_bootstrap}; {', '.join(started) or 'no roles'}")
         print(f"logs: {settings.data_dir / 'log'}/")
+        if settings.broker_secure:
+            print(f"secured: SASL_SSL, a user per role; credentials and the tokens of the read "
+                  f"API and the dashboard in {settings.data_dir / 'kafka' / 'security'}/")
         return 0
     if args.command == "down":
         down(settings)

@@ -58,21 +58,37 @@ def _admin(settings: Settings):  # -> AdminClient, imported lazily like every cl
     return AdminClient(admin_config(settings))
 
 
-def missing_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
-    """None when the broker answers and every topic in `names` exists; otherwise the line to
-    show the user."""
+def topic_partitions(settings: Settings, names: Iterable[str], timeout: float = 15.0
+                     ) -> dict[str, list[int]]:
+    """The partition ids of every topic in `names`, from the broker. TopicError, whose str() is
+    the line to show the user, when the broker does not answer or a topic is missing. The one
+    "does this topic exist" of every command: each checks before it starts its real work."""
     from confluent_kafka import KafkaException
 
     try:
         md = _admin(settings).list_topics(timeout=timeout)
+    except KafkaException as exc:
+        from recsys.kafka import login_problem  # refused credentials: name the setting
+
+        raise TopicError(login_problem(settings) or f"cannot reach Kafka at "
+                         f"{settings.kafka_bootstrap}: {exc.args[0]}") from None
+    out = {}
+    for name in names:
+        found = md.topics.get(name)
+        if found is None or found.error is not None:
+            raise TopicError(f"topic {name!r} does not exist on {settings.kafka_bootstrap}: "
+                             "run `recsys topics create`")
+        out[name] = sorted(found.partitions)
+    return out
+
+
+def missing_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
+    """None when the broker answers and every topic in `names` exists; otherwise the line to
+    show the user."""
+    try:
+        topic_partitions(settings, names, timeout)
     except TopicError as exc:
         return str(exc)
-    except KafkaException as exc:
-        return f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0]}"
-    missing = [n for n in names if n not in md.topics or md.topics[n].error is not None]
-    if missing:
-        return (f"topic {missing[0]!r} does not exist on {settings.kafka_bootstrap}: "
-                "run `recsys topics create`")
     return None
 
 

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from recsys.settings import Settings
+# One mapping for both readers (the flags of `produce` and `train --file`), in recsys/ because
+# both processes read with it.
+from recsys.csv_mapping import CsvMapping
 
-# One mapping for both readers (the flags of `produce` and `train --file`), defined beside the
-# producer's row reader.
-from streams.csv_source import CsvMapping
-
-__all__ = ["CsvMapping", "CsvRead", "read_purchases", "read_purchases_csv", "resolve_file",
-           "train_cli"]
+__all__ = ["CsvMapping", "CsvRead", "read_purchases", "read_purchases_csv", "resolve_file"]
 
 log = logging.getLogger(__name__)
 
@@ -212,26 +208,8 @@ def read_purchases(spark: SparkSession, path: str | Path, mapping: CsvMapping) -
 def resolve_file(command: str, args: argparse.Namespace) -> int:
     """For a local --file: fit the mapping to the file now (`resolve_args` leaves it on `args`,
     so `CsvMapping.from_args(args)` reads with it). 0, or 2 after the one line of the mistake."""
-    from streams.csv_mapping import MappingError, resolve_args
+    from recsys.csv_mapping import resolve_for
 
     if not args.file or "://" in args.file:
         return 0
-    path = Path(args.file)
-    if not path.is_file():
-        print(f"recsys {command}: no such file {args.file}", file=sys.stderr)
-        return 2
-    try:
-        resolve_args(path, args)
-    except MappingError as exc:
-        print(f"recsys {command}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def train_cli(settings: Settings, args: argparse.Namespace) -> int:
-    """`recsys train`: a --file's mapping is resolved before Spark starts (every mistake one line,
-    exit 2); then spark.job.train_cli trains (tuning first with RECSYS_TUNE_BEFORE_TRAIN) and
-    publishes."""
-    from spark import job
-
-    return resolve_file("train", args) or job.train_cli(settings, args)
+    return 0 if resolve_for(command, args.file, args) is not None else 2

@@ -16,11 +16,12 @@ preference p = 1 for every bought pair (the quantity only weighs the confidence)
 compares the predicted preference with 1; comparing it with log1p(quantity) would mix two scales.
 In explicit mode it compares the predicted rating with the test rating.
 
-Two ways to compute all this, with the same definitions, chosen by size like `spark.recommend`:
-- driver (while train + test have at most `DRIVER_MAX_PAIRS` pairs): a few collects (both
-  matrices grouped by user, the factors) and numpy/Python. On the bundled data this takes about a
-  second, where the Spark way runs some thirty small jobs (~10 s on two cores);
-- Spark (larger data): joins and aggregations, nothing big on the driver.
+Two ways to compute all this, with the same definitions, as the cycle's path says
+(`spark.train_path`):
+- driver: a few collects (both matrices grouped by user, the factors) and numpy/Python. On the
+  bundled data this takes about a second, where the Spark way runs some thirty small jobs (~10 s
+  on two cores);
+- distributed: joins and aggregations, nothing big on the driver.
 """
 
 from __future__ import annotations
@@ -34,19 +35,10 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from spark import recommend
+from spark import recommend, train_path
+from spark.train_path import TrainPath
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("rmse", "precision_at_k", "recall_at_k", "ndcg_at_k", "map_at_k", "coverage")
-# Train + test pairs up to this many are evaluated on the driver (a few MB of Python objects).
-DRIVER_MAX_PAIRS = 2_000_000
-
-
-def on_driver(pairs: int, rank: int) -> bool:
-    """Whether `pairs` train + test pairs (and factors of `rank`) are small enough for the driver;
-    users and items are each at most `pairs`."""
-    return pairs <= DRIVER_MAX_PAIRS and pairs * rank <= recommend.DRIVER_MAX_FLOATS
 
 
 def model_and_baseline(
@@ -55,13 +47,15 @@ def model_and_baseline(
     test: DataFrame | pd.DataFrame,
     k: int,
     implicit: bool,
-    driver: bool,
+    path: TrainPath,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The metrics of `model` (fitted on `train`) and of the popularity baseline on `test`; each
-    dict has the METRIC_NAMES and "eval_users". `driver`: see `on_driver`; matrices already on
-    the driver (pandas: user, item, rating) are evaluated there."""
-    if driver or isinstance(train, pd.DataFrame):
+    dict has `schemas.metrics.METRIC_NAMES` and "eval_users". On the driver path the matrices may be Spark's or
+    already on the driver (pandas: user, item, rating); the distributed path reads Spark's."""
+    if path.driver:
         return _model_and_baseline_driver(model, train, test, k, implicit)
+    if isinstance(train, pd.DataFrame) or isinstance(test, pd.DataFrame):
+        raise TypeError("the distributed path evaluates Spark DataFrames, not pandas")
     return _model_and_baseline_spark(model, train, test, k, implicit)
 
 
@@ -76,7 +70,7 @@ def _model_and_baseline_spark(
     bought = recommend.bought_lists(train).cache()
     popular = recommend.popularity(train).cache()
     catalog = popular.count()  # the train catalogue, as coverage counts it
-    recs = recommend.top_items(model, eval_users, k, bought).cache()
+    recs = recommend.top_items(model, eval_users, k, bought, train_path.DISTRIBUTED).cache()
     metrics = ranking_metrics(recs, relevant, k, catalog)
     metrics["rmse"] = model_rmse(model, test, implicit)
     popular_recs = recommend.top_popular(popular, eval_users, k, bought)

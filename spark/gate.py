@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass
 
 from recsys.settings import Settings
-
-METRIC = "precision_at_k"
+from schemas.metrics import PRECISION_AT_K as METRIC
 
 
 @dataclass(frozen=True)

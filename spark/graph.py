@@ -2,7 +2,8 @@
 edge explained by up to three products the user bought (`because`), next to the purchase graph
 (who bought what) so the two read side by side.
 
-Pure steps on DataFrames plus small numpy on the driver; `build` chains them, `export` (in
+Pure steps on DataFrames plus small numpy on the driver (`because` in both variants, as the
+cycle's path says: `spark.train_path`); `build` chains them, `export` (in
 `spark.graph_export`) writes the folder and `spark.publish.publish_graph_edges` the topic.
 
 Figures of each graph, over the catalogue (every product of a valid event):
@@ -34,14 +35,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark import graphx, prepare
+from spark.train_path import TrainPath
 
 log = logging.getLogger(__name__)
 
 BECAUSE_MAX = 3
 TOP_PRODUCTS = 20
-# `because` runs on the driver while this many floats (history pairs + recommended products, times
-# the rank) fit; above it, in Spark (one row per (edge, bought product) pair).
-DRIVER_MAX_FLOATS = 50_000_000
 # GraphX: PageRank's fixed iterations (the ranks of the bundled data's top products move by less
 # than 0.1 % after 20), label propagation's rounds, the share the top figure looks at.
 PAGERANK_ITERATIONS = 20
@@ -233,20 +232,12 @@ def because_spark(
 
 def because(
     spark: SparkSession, edges: DataFrame, bought: DataFrame, item_factors: DataFrame,
-    on_driver: bool | None = None, k: int = BECAUSE_MAX,
+    path: TrainPath, k: int = BECAUSE_MAX,
 ) -> DataFrame:
     """(user_id, product_id, because): for each edge, up to k products the user bought, most
-    similar (cosine of the ALS item factors) to the recommended product, best first.
-
-    `on_driver` None: on the driver while (edges + bought pairs + products) x rank floats stay
-    under `DRIVER_MAX_FLOATS`, else in Spark. Users without a history get [].
-    """
-    if on_driver is None:
-        first = item_factors.select(F.size("features").alias("r")).first()
-        rank = first["r"] if first else 0
-        rows = edges.count() + bought.count() + item_factors.count()
-        on_driver = rows * max(rank, 1) <= DRIVER_MAX_FLOATS
-    if on_driver:
+    similar (cosine of the ALS item factors) to the recommended product, best first; on the
+    driver or in Spark as the cycle's `path` says. Users without a history get []."""
+    if path.driver:
         return because_driver(spark, edges, bought, item_factors, k)
     return because_spark(edges, bought, item_factors, k)
 
@@ -452,15 +443,17 @@ def vertices(user_degrees: DataFrame, product_degrees: DataFrame, names: DataFra
 
 
 def build(
-    spark: SparkSession, result: Any, sales: DataFrame, on_driver: bool | None = None,
+    spark: SparkSession, result: Any, sales: DataFrame, path: TrainPath | None = None,
 ) -> Graph:
-    """The graph of a `spark.pipeline.TrainResult` trained on `sales` (the `Sale` shape)."""
+    """The graph of a `spark.pipeline.TrainResult` trained on `sales` (the `Sale` shape), on the
+    path its cycle took (`result.path`) unless `path` says otherwise."""
     version = int(result.model_version)
+    path = result.path if path is None else path
     bought = purchases(sales).cache()
     products = catalogue(sales).cache()
     names = descriptions(sales).cache()
     listed = edge_list(result.recommendations, version)  # the recommendations are cached
-    why = because(spark, listed, bought, result.item_factors, on_driver)
+    why = because(spark, listed, bought, result.item_factors, path)
     edges = listed.join(why, ["user_id", "product_id"], "left").select(
         "user_id", "product_id", "score", "rank", "model_version",
         F.coalesce("because", F.array().cast("array<string>")).alias("because"),

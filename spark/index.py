@@ -24,6 +24,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from spark import files
+
 log = logging.getLogger(__name__)
 
 INDEX_SCHEMA = T.StructType(
@@ -37,13 +39,7 @@ def _exists(spark: SparkSession, path: str) -> bool:
     Not `_SUCCESS`: a cluster may be configured not to write it, and a missing index would be
     renumbered from zero, silently changing every id's number.
     """
-    jvm = spark._jvm  # the Hadoop FileSystem API is only reachable through py4j
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())
-    if not fs.exists(hpath):
-        return False
-    found = fs.globStatus(jvm.org.apache.hadoop.fs.Path(path, "*.parquet"))
-    return found is not None and len(found) > 0
+    return files.has_files(spark, path, "*.parquet")
 
 
 def load_index(spark: SparkSession, path: str | Path) -> DataFrame:
@@ -78,6 +74,18 @@ class Index:
         )
         return out
 
+    def extended(self, ids: Iterable[str]) -> Index:
+        """This index plus the `ids` (repeats allowed) it lacks, numbered after its maximum in
+        sorted id order; pure (no Spark, nothing written: `save` writes what was added)."""
+        numbers = dict(self.numbers)
+        new = sorted(set(ids) - numbers.keys())  # code point order = Spark's order
+        start = max(numbers.values(), default=-1)
+        if start + len(new) >= 2**31 - 1:
+            raise OverflowError(f"index {self.path} is full: ALS ids are 32-bit integers")
+        added = [(id_, start + i) for i, id_ in enumerate(new, 1)]
+        numbers.update(added)
+        return Index(self.path, numbers, self.added + added)
+
     def save(self, spark: SparkSession) -> None:
         """Append the ids numbered since loading as one new file."""
         if not self.added:
@@ -111,18 +119,17 @@ def extend(spark: SparkSession, ids: DataFrame, path: str | Path) -> Index:
 
 def extend_ids(spark: SparkSession, ids: Iterable[str], path: str | Path) -> Index:
     """`extend` for ids already on the driver (any iterable of strings, repeats allowed)."""
+    return load(spark, path).extended(ids)
+
+
+def load(spark: SparkSession, path: str | Path) -> Index:
+    """The stored index on the driver (empty when there is none yet), nothing added."""
     path = str(path)
     numbers: dict[str, int] = {}
     if _exists(spark, path):
         stored = load_index(spark, path).toPandas()
         numbers = dict(zip(stored["id"], stored["idx"].astype(int).tolist(), strict=True))
-    new = sorted(set(ids) - numbers.keys())  # code point order = Spark's order
-    start = max(numbers.values(), default=-1)
-    if start + len(new) >= 2**31 - 1:
-        raise OverflowError(f"index {path} is full: ALS ids are 32-bit integers")
-    added = [(id_, start + i) for i, id_ in enumerate(new, 1)]
-    numbers.update(added)
-    return Index(path, numbers, added)
+    return Index(path, numbers)
 
 
 def update_index(spark: SparkSession, ids: DataFrame, path: str | Path) -> DataFrame:

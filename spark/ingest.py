@@ -24,6 +24,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.avro.functions import from_avro, to_avro
 
+from recsys.kafka import java_security_options
 from recsys.settings import Settings
 from schemas import codec
 
@@ -55,6 +56,7 @@ def kafka_source(spark: SparkSession, settings: Settings, topic: str) -> DataFra
     return (
         spark.readStream.format("kafka")
         .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
+        .options(**java_security_options(settings))  # TLS, SASL: recsys/kafka.py
         .option("subscribe", topic)
         .option("startingOffsets", "earliest")
         .option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))

@@ -1,4 +1,4 @@
-"""`recsys stream` and `recsys train`: the wiring of ingest, store, training and publishing.
+"""The streaming job and one training cycle: the wiring of ingest, store, training and publishing.
 
 `recsys stream` is a long-running Structured Streaming query on `sales` (Kafka source, checkpoint
 under `settings.checkpoints`). Each micro-batch is handled in foreachBatch (see `StreamJob._batch`
@@ -9,7 +9,9 @@ a model is trained on ALL accumulated events and published: recommendations firs
 recommendation graph (exported under `settings.export_dir` and put on graph-edges), then
 model-ready, whose `trigger` says which of them fired.
 
-`recsys train` runs the same training and publishing once, on the store or on a purchases CSV.
+`recsys train` runs the same training and publishing (`train_and_publish`) once, on the store or
+on a purchases CSV. The commands themselves are in spark/cli.py, when to train in spark/trigger.py,
+the progress report's offsets in spark/offsets.py, the model versions in spark/registry.py.
 
 SIGTERM/SIGINT stop the query after the batch in progress (and its training, if one started):
 the handler only sets an event; the main thread waits for the batch lock, then stops the query.
@@ -17,12 +19,7 @@ the handler only sets an event; the main thread waits for the batch lock, then s
 
 from __future__ import annotations
 
-import argparse
-import ast
-import json
 import logging
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,14 +31,15 @@ from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
-from recsys import settings as settings_mod
 from recsys.settings import Settings
 from schemas.topics import PROMOTED, REJECTED
 from spark import ingest, publish
-from spark.feedback import FeedbackWatch, underperforms
+from spark.feedback import FeedbackWatch
+from spark.offsets import lag, ranges
 from spark.publish import Topics
 from spark.registry import Models
 from spark.store import Store, StoreState, offset_ranges
+from spark.trigger import FEEDBACK, Decision, decide, warm_up_now
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,8 @@ def train_and_publish(
 
         settings = tune.tuned_settings(spark, sales, settings)
     champion_version, champion = _champion(spark, models, serving, version)
-    result = pipeline.run_training(spark, sales, settings, version, champion)
+    result = pipeline.run_training(spark, sales, settings, version, champion,
+                                   indexes=pipeline.load_indexes(spark, settings))
     decision = gate.decide(result.metrics, result.baseline_metrics, result.champion_metrics,
                            settings, champion_version)
     log.info("model %d %s by the gate: %s", version,
@@ -198,46 +197,13 @@ def publish_graph(
 
 
 # --- the streaming job ------------------------------------------------------------------------------
-def _offsets(value: Any) -> dict[str, dict[str, int]]:
-    """A progress report's offsets, `{"topic": {"partition": offset}}`: PySpark gives them as
-    JSON or as a Python dict's repr, depending on the version."""
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = ast.literal_eval(value)
-    else:
-        parsed = value
-    return {t: {str(p): int(o) for p, o in parts.items()} for t, parts in parsed.items()}
-
-
-def ranges(start: Any, end: Any) -> str:
-    """`topic[partition]@first-last` of the offsets a batch read (from its progress report; a
-    first batch has no start: PySpark hands "None")."""
-    try:
-        starts = {} if start in (None, "None", "null") else _offsets(start)
-        ends = _offsets(end)
-    except (TypeError, ValueError, AttributeError, SyntaxError):
-        return "?"
-    out = []
-    for topic, parts in sorted(ends.items()):
-        for part, end_offset in sorted(parts.items(), key=lambda kv: int(kv[0])):
-            first = starts.get(topic, {}).get(part, 0)
-            if end_offset > first:
-                out.append(f"{topic}[{part}]@{first}-{end_offset - 1}")
-    return ", ".join(out)
-
-
-def lag(end: Any, latest: Any) -> int | None:
-    """Records on the topic past the batch's end offsets; None when either side is unknown."""
-    try:
-        ends, latests = _offsets(end), _offsets(latest)
-        return sum(
-            max(0, off - ends[t].get(p, 0)) for t, parts in latests.items()
-            for p, off in parts.items()
-        )
-    except (TypeError, ValueError, KeyError, AttributeError, SyntaxError):
-        return None
+def failure_cause(failure: Any) -> str:
+    """The innermost `Caused by:` of a query failure's text (Spark wraps the batch's Python
+    exception, itself wrapping the JVM's, in hundreds of lines), else its first line."""
+    text = str(failure)
+    causes = [line.split("Caused by:", 1)[1].strip() for line in text.splitlines()
+              if "Caused by:" in line]
+    return causes[-1] if causes else (text.splitlines() or ["?"])[0]
 
 
 class StreamJob:
@@ -262,7 +228,6 @@ class StreamJob:
         self.model_version = 0  # the model in service (read at start): its feedback counts
         self.feedback: FeedbackWatch | None = None
         self._feedback_fired: set[int] = set()  # versions already retrained for their feedback
-        self._reason: str | None = None
         self._warmed = False  # spark.warmup ran in this job
 
     # -- life cycle --
@@ -308,7 +273,10 @@ class StreamJob:
             if not self.query.isActive:
                 failure = self.query.exception()
                 if failure is not None and not self._stopping:
-                    log.error("query failed: %s", failure)
+                    # One line with the cause (a full disk, a lost broker), the pages of JVM and
+                    # Python trace around it only at DEBUG (the JVM logged its own already).
+                    log.error("query failed: %s", failure_cause(failure))
+                    log.debug("query failure in full: %s", failure)
                     return 1
                 log.info("query finished; %d/%d new events toward the next model",
                          self.state.since_model, self.settings.train_threshold)
@@ -418,71 +386,36 @@ class StreamJob:
         if n_bad > len(shown):
             log.warning("... and %d more dead-lettered to %s", n_bad - len(shown), self.topics.dlq)
 
-    # -- the trigger --
-    def due(self, now: float) -> str | None:
-        """"threshold", "max_wait", "feedback" or None: should a model be trained now?
-
-        Every trigger but the threshold needs at least one new event (the same data would give
-        the same model); feedback fires once per model version.
-        """
-        s, since = self.settings, self.state.since_model
-        self._reason = None
-        if since >= s.train_threshold:
-            return "threshold"
-        if s.train_max_wait_seconds and since >= 1:
-            if self._waited(now) >= s.train_max_wait_seconds:
-                return "max_wait"
-        version = self.model_version
-        if self.feedback is not None and since >= 1 and version not in self._feedback_fired:
-            record = self.feedback.latest(version)
-            reason = record and underperforms(record, s.feedback_retrain_share)
-            if reason:
-                self._reason = reason
-                return "feedback"
-        return None
-
-    def near(self, now: float) -> bool:
-        """Is a model coming soon: half the threshold reached, or half the max wait passed with
-        a new event? (When the job warms up, see `spark.warmup`.)"""
-        s, since = self.settings, self.state.since_model
-        if since >= s.train_threshold / 2:
-            return True
-        if s.train_max_wait_seconds and since >= 1:
-            return self._waited(now) >= s.train_max_wait_seconds / 2
-        return False
-
-    def _waited(self, now: float) -> float:
-        """Seconds since the last model (or, before the first, since the first new event)."""
-        return now - (self.state.last_model_at or self.state.pending_since or now)
+    # -- the trigger (the policy is spark/trigger.py; the job acts on its decision) --
+    def _decision(self, now: float) -> Decision:
+        """The trigger policy on this job's counters and the feedback of the model in service."""
+        record = self.feedback.latest(self.model_version) if self.feedback is not None else None
+        return decide(self.state, self.settings, now, record, self._feedback_fired)
 
     def _maybe_warm_up(self, now: float) -> None:
-        """Warm up once per job, while a model is near but not due yet (a due model trains at
-        once: waiting for a warm-up would only delay it)."""
-        if self._warmed or not self.settings.warm_up or not self.near(now) or self.due(now):
+        """Warm up once per job, while a model is near but not due yet."""
+        if self._warmed or not warm_up_now(self.state, self.settings, now, self._decision(now)):
             return
         from spark import warmup
 
         self._warmed = True
-        try:
-            warmup.warm_up(self.spark, self.settings)
-        except Exception:  # only speed is lost
-            log.exception("warm-up failed; the first model will train on a cold JVM")
+        warmup.try_warm_up(self.spark, self.settings)
 
     def _maybe_train(self, now: float) -> None:
-        trigger = self.due(now)
-        if trigger is None or now < self._retry_at:
+        decision = self._decision(now)
+        if not decision or now < self._retry_at:
             return
         started = time.perf_counter()
-        reason = self._reason
-        log.info("%s reached: %d new events since the last model (threshold %d)%s", trigger,
-                 self.state.since_model, self.settings.train_threshold,
+        reason = decision.reason
+        log.info("%s reached: %d new events since the last model (threshold %d)%s",
+                 decision.trigger, self.state.since_model, self.settings.train_threshold,
                  f"; {reason}" if reason else "")
-        if trigger == "feedback":
+        if decision.trigger == FEEDBACK:
             self._feedback_fired.add(self.model_version)
         try:
             sales = self.store.read()
-            done = train_and_publish(self.spark, self.settings, self.topics, sales, trigger,
-                                     started, reason)
+            done = train_and_publish(self.spark, self.settings, self.topics, sales,
+                                     decision.trigger, started, reason)
         except Exception:
             self._retry_at = time.time() + TRAIN_RETRY_SECONDS
             log.exception("training failed; ingest goes on, next attempt in %.0f s",
@@ -492,129 +425,3 @@ class StreamJob:
         self.model_version = int(done.model_ready["serving"])  # the feedback that counts
         self.state.model_trained(self.state.events, time.time())
         self.store.save_state(self.state)
-
-
-# --- CLI --------------------------------------------------------------------------------------------
-def check_topics(settings: Settings, names: list[str], timeout: float = 15.0) -> str | None:
-    """None when the broker answers and every topic exists; otherwise the line to show."""
-    from recsys.topics import missing_topics
-
-    return missing_topics(settings, names, timeout)
-
-
-def _override(settings: Settings, **flags: Any) -> Settings:
-    """The settings with the CLI flags that were given on top (validated again)."""
-    given = {k: v for k, v in flags.items() if v is not None}
-    if not given:
-        return settings
-    return settings_mod.load(**{**settings.model_dump(), **given})
-
-
-def _topics(args: argparse.Namespace) -> Topics:
-    prefix = getattr(args, "topic_prefix", None)
-    return Topics.with_prefix(prefix) if prefix else Topics()
-
-
-def stream_cli(settings: Settings, args: argparse.Namespace) -> int:
-    """`recsys stream`: run until SIGTERM/SIGINT (or, with --once, until the topic is read)."""
-    from spark import session
-
-    settings = _override(
-        settings,
-        train_threshold=args.threshold,
-        train_max_wait_seconds=args.max_wait,
-        trigger_seconds=args.trigger_seconds,
-        max_offsets_per_trigger=args.max_offsets,
-    )
-    topics = _topics(args)
-    needed = [topics.sales, topics.dlq, topics.model_ready, topics.recommendations,
-              topics.graph_edges, topics.model_factors, topics.shadow]
-    if settings.feedback_retrain_share:
-        needed.append(topics.feedback)
-    problem = check_topics(settings, needed)
-    if problem:
-        print(f"recsys stream: {problem}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            log.warning("%s again: still finishing the batch in progress",
-                        signal.Signals(signum).name)
-        else:
-            log.info("%s: stopping after the batch in progress", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    spark = session.build(settings, "recsys-stream")
-    try:
-        job = StreamJob(spark, settings, topics)
-        job.start(available_now=args.once)
-        code = job.run(stop)
-    finally:
-        spark.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return code
-
-
-def train_cli(settings: Settings, args: argparse.Namespace) -> int:
-    """`recsys train`: one model on the accumulated store, or on a CSV with --file; published
-    like the streaming job's (trigger "manual" or "file")."""
-    from spark import session
-
-    topics = _topics(args)
-    problem = check_topics(settings, [topics.model_ready, topics.recommendations,
-                                      topics.graph_edges, topics.model_factors, topics.shadow])
-    if problem:
-        print(f"recsys train: {problem}", file=sys.stderr)
-        return 2
-    if args.file and "://" not in args.file and not Path(args.file).is_file():
-        print(f"recsys train: no such file {args.file}", file=sys.stderr)
-        return 2
-    spark = session.build(settings, "recsys-train")
-    started = time.perf_counter()
-    try:
-        if args.file:
-            from spark.csv_input import CsvMapping, read_purchases_csv
-
-            sales = read_purchases_csv(spark, args.file, CsvMapping.from_args(args))
-            done = train_and_publish(spark, settings, topics, sales, "file", started)
-        else:
-            store = Store(spark, settings.store)
-            if not store.has_data():
-                print(f"recsys train: the store {settings.store} is empty: run `recsys stream` "
-                      "first, or train on a file with --file", file=sys.stderr)
-                return 1
-            state = store.load_state()
-            sales = store.read()
-            done = train_and_publish(spark, settings, topics, sales, "manual", started)
-            state.model_trained(state.events, time.time())
-            store.save_state(state)
-    except ValueError as exc:  # nothing to train on, a bad CSV mapping
-        print(f"recsys train: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
-    mr = done.model_ready
-    promoted = mr["status"] == PROMOTED
-    print(f"model {mr['model_version']} ({mr['trigger']}) {mr['status']}: {mr['status_reason']}")
-    print(f"  {mr['events']:,} events, {mr['users']:,} users, {mr['products']:,} products; "
-          f"{done.recommendations:,} lists on "
-          f"{topics.recommendations if promoted else topics.shadow}"
-          + (f", {done.graph_edges:,} graph edges on {topics.graph_edges} (export {done.export})"
-             if promoted else "") + f", model-ready on {topics.model_ready}; "
-          f"model {mr['serving']} serves")
-    metrics = mr["metrics"]
-    base = mr["baseline_metrics"]
-    theirs = mr["champion_metrics"]
-    for name in sorted(n for n in metrics if n in base):
-        print(f"  {name:<18} {metrics[name]:.4f}   popularity {base[name]:.4f}"
-              + (f"   champion {theirs[name]:.4f}" if name in theirs else ""))
-    graph = {n: v for n, v in metrics.items() if n not in base}
-    if graph:
-        print("  graph: " + ", ".join(f"{n.removeprefix('graph_')} {v:g}"
-                                      for n, v in sorted(graph.items())))
-    print(f"  cycle {done.cycle_seconds:.1f} s, ALS.fit {mr['train_seconds']:.1f} s, "
-          f"trained at {mr['trained_at']:%Y-%m-%d %H:%M:%S} UTC, saved to {mr['model_path']}")
-    return 0

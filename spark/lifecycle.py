@@ -99,7 +99,7 @@ def promote(settings: Settings, topics: Any, version: int, current: int,
     from pyspark.ml.recommendation import ALSModel
     from pyspark.sql import functions as F
 
-    from spark import index, publish, recommend, session
+    from spark import index, publish, recommend, session, train_path
     from spark.pipeline import index_path
     from spark.prepare import products_only, valid_events
     from spark.registry import Models
@@ -115,6 +115,8 @@ def promote(settings: Settings, topics: Any, version: int, current: int,
                            for kind in ("users", "products"))
         bought = None
         store = Store(spark, settings.store)
+        # The path of a cycle over the store (spark.train_path), for scoring every user.
+        path = train_path.decide(store.read().count() if store.has_data() else 0, settings)
         if settings.filter_bought and store.has_data():
             events = valid_events(products_only(store.read(), settings.non_product_pattern))
             net = events.groupBy("user_id", "product_id").agg(F.sum("quantity").alias("q"))
@@ -125,7 +127,7 @@ def promote(settings: Settings, topics: Any, version: int, current: int,
                 .withColumnRenamed("idx", "item"), "product_id")
             bought = recommend.bought_lists(pairs.select("user", "item"))
         top = recommend.top_items(model, model.userFactors.select(F.col("id").alias("user")),
-                                  settings.top_n, bought)
+                                  settings.top_n, bought, path)
         lists = recommend.with_ids(top, users.frame(spark), products.frame(spark)).cache()
         n = publish.publish_recommendations(lists, version, settings, topics.recommendations)
         lists.unpersist()
@@ -158,7 +160,7 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
     """`recsys models list|show V|promote V|rollback`."""
     from spark.publish import Topics
 
-    topics = Topics.with_prefix(args.topic_prefix) if args.topic_prefix else Topics()
+    topics = Topics.with_prefix(args.topic_prefix or "")
     try:
         records = history(settings, topics.model_ready)
     except (LookupError, TimeoutError) as exc:

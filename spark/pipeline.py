@@ -1,6 +1,10 @@
 """One training cycle: sales -> index -> split -> ALS -> metrics (next to popularity) -> ALS on
-all events -> top-N recommendations. No Kafka here; the streaming job calls `run_training` and
-publishes what it returns.
+all events -> top-N recommendations. No Kafka and no stored state here: the caller (the job's
+`train_and_publish`) loads the indexes (`load_indexes`), calls `run_training` and stores what it
+returns (`save`) once the recommendations are out.
+
+Every step follows one decision made once per cycle (`spark.train_path`): on the driver or
+distributed, from the number of events and `settings.train_path`.
 
 Two ALS fits per cycle, on purpose. The metrics come from a model fitted on the train split only
 (otherwise they would measure memory, not prediction). The published recommendations come from a
@@ -16,18 +20,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from recsys.settings import Settings
-from spark import evaluate, index, prepare, recommend, train
+from schemas.metrics import METRIC_NAMES
+from spark import evaluate, index, prepare, recommend, train, train_path
+from spark.train_path import TrainPath
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class TrainResult:
     item_factors: DataFrame  # product_id, features array<float>
     fit_seconds: dict[str, float] = field(default_factory=dict)  # "evaluation", "final"
     champion_metrics: dict[str, float] | None = None  # the model in service, same test window
+    path: TrainPath = train_path.DRIVER  # where the cycle ran; the graph follows it
 
 
 class _Steps:
@@ -80,15 +85,21 @@ def index_path(settings: Settings, kind: str) -> str:
     return str((settings.data_dir / "index" / kind).absolute())
 
 
+def load_indexes(spark: SparkSession, settings: Settings) -> tuple[index.Index, index.Index]:
+    """The stored user and product indexes (empty ones the first time), for `run_training`."""
+    return tuple(index.load(spark, index_path(settings, kind))  # type: ignore[return-value]
+                 for kind in ("users", "products"))
+
+
 def _nan_metrics() -> dict[str, float]:
-    return {name: float("nan") for name in evaluate.METRIC_NAMES}
+    return {name: float("nan") for name in METRIC_NAMES}
 
 
 def _evaluate(
     train_m: DataFrame,
     test_m: DataFrame,
-    pairs: int,
     settings: Settings,
+    path: TrainPath,
     local: tuple[pd.DataFrame, pd.DataFrame] | None = None,
     champion: ALSModel | None = None,
 ) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float] | None]:
@@ -97,152 +108,41 @@ def _evaluate(
     the model in service, scored on the same window with the same protocol (for the gate)."""
     model, seconds = train.fit(train_m, settings)
     started = time.perf_counter()
-    driver = evaluate.on_driver(pairs, settings.als_rank)
-    train_e, test_e = local if local is not None and driver else (train_m, test_m)
+    train_e, test_e = local if local is not None and path.driver else (train_m, test_m)
     implicit = settings.als_mode == "implicit"
     metrics, baseline = evaluate.model_and_baseline(
-        model, train_e, test_e, settings.eval_k, implicit, driver
+        model, train_e, test_e, settings.eval_k, implicit, path
     )
     theirs = None
     if champion is not None:
         theirs = evaluate.model_and_baseline(
-            champion, train_e, test_e, settings.eval_k, implicit, driver)[0]
+            champion, train_e, test_e, settings.eval_k, implicit, path)[0]
         theirs.pop("eval_users")
-    log.info("metrics of the model%s and popularity: %.1f s (on the %s)",
+    log.info("metrics of the model%s and popularity: %.1f s (%s path)",
              "" if champion is None else ", the champion", time.perf_counter() - started,
-             "driver" if driver else "cluster")
+             path.where)
     users = int(metrics.pop("eval_users"))
     baseline.pop("eval_users")
     return metrics, baseline, seconds, users, theirs
 
 
-# Up to this many sales, a cycle prepares its matrices on the driver (`_prepare_on_driver`):
-# ~50 MB of columns there, and several Spark jobs less than on the cluster.
-DRIVER_MAX_EVENTS = 2_000_000
-
-MATRIX_SCHEMA = T.StructType(
-    [T.StructField(c, T.IntegerType()) for c in ("user", "item")]
-    + [T.StructField(c, T.LongType()) for c in ("train", "test", "all")]
-)
-
-
-@dataclass
-class Prepared:
-    """The events made ALS input: the three matrices side by side (`prepare.matrices`' shape,
-    cached), their sizes, the time cut and the indexes with the cycle's new ids."""
-
-    matrix: DataFrame
-    counts: dict[str, int]  # positive pairs of train, test, all; users and products of all
-    cutoff: datetime | None
-    indexes: tuple[index.Index, index.Index]  # users, products
-    events: int
-    first: datetime  # event time, naive UTC
-    last: datetime
-    pairs: pd.DataFrame | None = None  # `matrix` on the driver, when it was prepared there
-
-
-def _micros_time(micros: int) -> datetime:
-    return prepare.EPOCH + timedelta(microseconds=int(micros))
-
-
-def _prepare_on_cluster(
-    spark: SparkSession, sales: DataFrame, settings: Settings, step: _Steps
-) -> Prepared:
-    """Index, split and net with Spark jobs (for stores too big for the driver)."""
-    events = prepare.valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
-    users = products = None
-    try:
-        micros = F.unix_micros("event_time")
-        stats = events.agg(
-            F.count(F.lit(1)).alias("n"), F.min(micros).alias("lo"), F.max(micros).alias("hi")
-        ).first()
-        if not stats["n"]:
-            raise ValueError("no valid events to train on")
-        indexes = (
-            index.extend(spark, events.select("user_id"), index_path(settings, "users")),
-            index.extend(spark, events.select("product_id"), index_path(settings, "products")),
-        )
-        users, products = (ix.frame(spark).cache() for ix in indexes)
-        step("events, index")
-        split = prepare.split_events(events, settings)
-        matrix = prepare.matrices(split, users, products, settings).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
-        positive = {which: F.col(which) > 0 for which in ("train", "test", "all")}
-        row = matrix.agg(  # one job: it caches `matrix` too
-            *(F.count_if(is_positive).alias(which) for which, is_positive in positive.items()),
-            F.count_distinct(F.when(positive["all"], F.col("user"))).alias("users"),
-            F.count_distinct(F.when(positive["all"], F.col("item"))).alias("products"),
-        ).first()
-    finally:
-        events.unpersist()
-        for frame in (users, products):
-            if frame is not None:
-                frame.unpersist()
-    counts = {k: int(row[k]) for k in ("train", "test", "all", "users", "products")}
-    return Prepared(matrix, counts, split.cutoff, indexes, int(stats["n"]),
-                    _micros_time(stats["lo"]), _micros_time(stats["hi"]))
-
-
-def _prepare_on_driver(
-    spark: SparkSession, sales: DataFrame, settings: Settings, step: _Steps
-) -> Prepared:
-    """The same as `_prepare_on_cluster` with one Spark job: the events' columns are collected
-    (Arrow), indexed, split and netted with numpy, and the netted pairs go back as one cached
-    DataFrame. The random split's side is decided in Spark (its hash is Spark's xxhash64)."""
-    events = prepare.valid_events(sales)
-    columns = [
-        "user_id", "product_id", "quantity", F.unix_micros("event_time").alias("micros")
-    ]
-    if settings.split == "random":
-        columns.append(prepare.split_events(events, settings).is_test.alias("is_test"))
-    frame = events.select(*columns).toPandas()
-    if frame.empty:
-        raise ValueError("no valid events to train on")
-    user_code, user_ids = pd.factorize(frame["user_id"])
-    item_code, product_ids = pd.factorize(frame["product_id"])
-    indexes = (
-        index.extend_ids(spark, user_ids, index_path(settings, "users")),
-        index.extend_ids(spark, product_ids, index_path(settings, "products")),
-    )
-    step("events, index")
-
-    micros = frame["micros"].to_numpy(np.int64)
-    if settings.split == "random":
-        is_test, cutoff = frame["is_test"].to_numpy(bool), None
-    else:
-        is_test, cutoff = prepare.time_split_local(micros, settings)
-    numbers = [np.array([ix.numbers[i] for i in ids], dtype=np.int32)
-               for ix, ids in zip(indexes, (user_ids, product_ids), strict=True)]
-    net = prepare.matrices_local(
-        numbers[0][user_code], numbers[1][item_code], frame["quantity"].to_numpy(), is_test
-    )
-    matrix = spark.createDataFrame(net, MATRIX_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-    matrix.count()  # cached now, so ALS.fit's seconds count ALS only
-    bought = net[net["all"] > 0]
-    counts = {
-        "train": int((net["train"] > 0).sum()),
-        "test": int((net["test"] > 0).sum()),
-        "all": len(bought),
-        "users": int(bought["user"].nunique()),
-        "products": int(bought["item"].nunique()),
-    }
-    return Prepared(matrix, counts, cutoff, indexes, len(frame), _micros_time(micros.min()),
-                    _micros_time(micros.max()), net)
-
-
 def run_training(
     spark: SparkSession, sales: DataFrame, settings: Settings, model_version: int,
-    champion: ALSModel | None = None,
+    champion: ALSModel | None = None, *, indexes: tuple[index.Index, index.Index],
+    path: TrainPath | None = None,
 ) -> TrainResult:
-    """Train, evaluate and recommend from `sales` (the `Sale` shape). The final model and the new
-    index entries are stored by `save` (after the recommendations are out). `champion` (the
-    model in service) is scored on the same test window (`TrainResult.champion_metrics`). Raises
-    ValueError when there is nothing to train on."""
+    """Train, evaluate and recommend from `sales` (the `Sale` shape). `indexes` (users,
+    products; `load_indexes`) are extended with the cycle's new ids, not written: `save` stores
+    them and the final model after the recommendations are out. `champion` (the model in
+    service) is scored on the same test window (`TrainResult.champion_metrics`). `path`: where
+    the steps run; by default decided here, once, from the number of events and the settings.
+    Raises ValueError when there is nothing to train on."""
     started = time.perf_counter()
     step = _Steps(f"model {model_version}")
-    small = sales.count() <= DRIVER_MAX_EVENTS  # a Parquet store counts from its footers
-    prep = (_prepare_on_driver if small else _prepare_on_cluster)(spark, sales, settings, step)
+    if path is None:
+        path = train_path.decide(sales.count(), settings)  # a Parquet store counts from footers
+    log.info("model %d: %s path (%s)", model_version, path.where, path.reason)
+    prep = prepare.prepare(spark, sales, settings, indexes, path, step)
     matrix, counts, indexes = prep.matrix, prep.counts, prep.indexes
     users, products = (ix.frame(spark) for ix in indexes)
     train_pairs, test_pairs, n_pairs = counts["train"], counts["test"], counts["all"]
@@ -255,7 +155,7 @@ def run_training(
     champion_metrics = None
     if train_pairs and test_pairs:
         metrics, baseline, eval_seconds, eval_users, champion_metrics = _evaluate(
-            train_m, test_m, train_pairs + test_pairs, settings,
+            train_m, test_m, settings, path,
             None if local is None else (local["train"], local["test"]), champion,
         )
     else:
@@ -269,24 +169,12 @@ def run_training(
         raise ValueError("no user-product pair with a positive net quantity")
     model, final_seconds = train.fit(full, settings)
     step("final fit")
-    factors = (counts["products"] + counts["users"]) * settings.als_rank
-    on_driver = factors <= recommend.DRIVER_MAX_FLOATS
-    bought = recommend.bought_lists(full) if settings.filter_bought else None  # lazy
-    if on_driver and local is not None:
-        bought_local = None
-        if settings.filter_bought:
-            bought_local = {u: items for u, (items, _) in evaluate.by_user(local["all"]).items()}
-        users_all = np.unique(local["all"]["user"].to_numpy())
-        lists = recommend.top_lists_local(model, users_all, settings.top_n, bought_local)
-    elif on_driver:
-        lists = recommend.top_lists_driver(model, full.select("user"), settings.top_n, bought)
-    if on_driver:  # scored, and the ids mapped back, on the driver: counted there
-        recs = recommend.named_lists(spark, lists, *(ix.names() for ix in indexes)).cache()
-        n_recs = int((lists["items"].map(len) > 0).sum())
-    else:
-        long_recs = recommend.top_items(model, full.select("user"), settings.top_n, bought, False)
-        recs = recommend.with_ids(long_recs, users, products).cache()
-        n_recs = recs.count()
+    on_driver = None
+    if local is not None:  # the users and what they bought, already on the driver
+        bought_local = {u: items for u, (items, _) in evaluate.by_user(local["all"]).items()}
+        on_driver = (np.unique(local["all"]["user"].to_numpy()), bought_local)
+    recs, n_recs = recommend.published(spark, model, full, settings.top_n, settings.filter_bought,
+                                       indexes, path, on_driver)
     step("recommendations")
     step.log()
 
@@ -304,6 +192,7 @@ def run_training(
         "pairs": str(n_pairs),
         "top_n": str(settings.top_n),
         "filter_bought": str(settings.filter_bought).lower(),
+        "train_path": path.where,
     }
     user_factors = model.userFactors.join(
         users.select(F.col("idx").alias("id"), F.col("id").alias("user_id")), "id"
@@ -332,6 +221,7 @@ def run_training(
         item_factors=item_factors,
         fit_seconds={"evaluation": eval_seconds, "final": final_seconds},
         champion_metrics=champion_metrics,
+        path=path,
     )
     log_result(result, n_recs)
     return result
@@ -356,7 +246,7 @@ def log_result(result: TrainResult, n_recs: int) -> None:
         int(result.params.get("eval_users", "0")), n_recs,
     )
     k = result.params.get("eval_k", "k")
-    for name in evaluate.METRIC_NAMES:
+    for name in METRIC_NAMES:
         shown = name.replace("_at_k", f"@{k}")
         log.info(
             "  %-13s model %.4f  popularity %.4f", shown, result.metrics.get(name, float("nan")),

@@ -1,6 +1,8 @@
 """From sale events to ALS input: valid events, the train/test split, the interaction matrices.
 
-Pure DataFrame -> DataFrame steps (the persistent id index lives in `spark.index`). The split cuts
+Pure DataFrame -> DataFrame steps (the persistent id index lives in `spark.index`; this module
+only extends one it is given) and `prepare`, the cycle's step that chains them, in two variants
+(`spark.train_path`): Spark jobs, or the events collected once and netted with numpy. The split cuts
 the EVENTS, and each side's matrix is netted on its own events: a purchase in the train period and
 its return in the test period leave the pair in train (it was bought then) and out of test. One
 aggregation nets all three matrices (train, test, all events) side by side (`matrices`); `side`
@@ -10,15 +12,20 @@ takes one of them out in the shape ALS reads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from recsys.settings import Settings
+from spark.index import Index
+from spark.train_path import TrainPath
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +184,9 @@ def interactions(
 
 
 # --- the same on the driver -------------------------------------------------------------------------
-# While the events fit the driver (pipeline.DRIVER_MAX_EVENTS), a cycle collects them once (one
-# Spark job, columns through Arrow) and splits and nets them with numpy: a handful of Spark jobs
-# less than the steps above, with the same answers (tests/unit/test_prepare.py compares them).
+# On the driver path (`spark.train_path`), a cycle collects the events once (one Spark job,
+# columns through Arrow) and splits and nets them with numpy: a handful of Spark jobs less than
+# the steps above, with the same answers (tests/spark/test_prepare.py compares them).
 
 
 def cutoff_local(micros: np.ndarray, test_fraction: float) -> int | None:
@@ -244,3 +251,123 @@ def side_local(net: pd.DataFrame, which: str, settings: Settings) -> pd.DataFram
         "user": rows["user"].to_numpy(), "item": rows["item"].to_numpy(),
         "quantity": quantity, "rating": rating,
     })
+
+
+# --- the cycle's step: both variants -----------------------------------------------------------------
+MATRIX_SCHEMA = T.StructType(
+    [T.StructField(c, T.IntegerType()) for c in ("user", "item")]
+    + [T.StructField(c, T.LongType()) for c in ("train", "test", "all")]
+)
+
+
+@dataclass
+class Prepared:
+    """The events made ALS input: the three matrices side by side (`matrices`' shape, cached),
+    their sizes, the time cut and the indexes extended with the cycle's new ids."""
+
+    matrix: DataFrame
+    counts: dict[str, int]  # positive pairs of train, test, all; users and products of all
+    cutoff: datetime | None
+    indexes: tuple[Index, Index]  # users, products
+    events: int
+    first: datetime  # event time, naive UTC
+    last: datetime
+    pairs: pd.DataFrame | None = None  # `matrix` on the driver (the driver path)
+
+
+def prepare(
+    spark: SparkSession, sales: DataFrame, settings: Settings, indexes: tuple[Index, Index],
+    path: TrainPath, step: Callable[[str], None] = lambda what: None,
+) -> Prepared:
+    """Valid events -> index -> split -> the three matrices, on `path`; the `indexes` (users,
+    products: as stored) are extended, not written. `step(name)` marks the end of a sub-step.
+    ValueError when there is no valid event."""
+    variant = _prepare_on_driver if path.driver else _prepare_distributed
+    return variant(spark, sales, settings, indexes, step)
+
+
+def _micros_time(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=int(micros))
+
+
+def _prepare_distributed(
+    spark: SparkSession, sales: DataFrame, settings: Settings, indexes: tuple[Index, Index],
+    step: Callable[[str], None],
+) -> Prepared:
+    """Index, split and net with Spark jobs; only the distinct ids come to the driver."""
+    events = valid_events(sales).persist(StorageLevel.MEMORY_AND_DISK)
+    users = products = None
+    try:
+        micros = F.unix_micros("event_time")
+        stats = events.agg(
+            F.count(F.lit(1)).alias("n"), F.min(micros).alias("lo"), F.max(micros).alias("hi")
+        ).first()
+        if not stats["n"]:
+            raise ValueError("no valid events to train on")
+        indexes = tuple(  # type: ignore[assignment]
+            ix.extended(events.select(column).distinct().toPandas()[column])
+            for ix, column in zip(indexes, ("user_id", "product_id"), strict=True)
+        )
+        users, products = (ix.frame(spark).cache() for ix in indexes)
+        step("events, index")
+        split = split_events(events, settings)
+        matrix = matrices(split, users, products, settings).persist(StorageLevel.MEMORY_AND_DISK)
+        positive = {which: F.col(which) > 0 for which in ("train", "test", "all")}
+        row = matrix.agg(  # one job: it caches `matrix` too
+            *(F.count_if(is_positive).alias(which) for which, is_positive in positive.items()),
+            F.count_distinct(F.when(positive["all"], F.col("user"))).alias("users"),
+            F.count_distinct(F.when(positive["all"], F.col("item"))).alias("products"),
+        ).first()
+    finally:
+        events.unpersist()
+        for frame in (users, products):
+            if frame is not None:
+                frame.unpersist()
+    counts = {k: int(row[k]) for k in ("train", "test", "all", "users", "products")}
+    return Prepared(matrix, counts, split.cutoff, indexes, int(stats["n"]),
+                    _micros_time(stats["lo"]), _micros_time(stats["hi"]))
+
+
+def _prepare_on_driver(
+    spark: SparkSession, sales: DataFrame, settings: Settings, indexes: tuple[Index, Index],
+    step: Callable[[str], None],
+) -> Prepared:
+    """The same as `_prepare_distributed` with one Spark job: the events' columns are collected
+    (Arrow), indexed, split and netted with numpy, and the netted pairs go back as one cached
+    DataFrame. The random split's side is decided in Spark (its hash is Spark's xxhash64)."""
+    events = valid_events(sales)
+    columns = [
+        "user_id", "product_id", "quantity", F.unix_micros("event_time").alias("micros")
+    ]
+    if settings.split == "random":
+        columns.append(split_events(events, settings).is_test.alias("is_test"))
+    frame = events.select(*columns).toPandas()
+    if frame.empty:
+        raise ValueError("no valid events to train on")
+    user_code, user_ids = pd.factorize(frame["user_id"])
+    item_code, product_ids = pd.factorize(frame["product_id"])
+    indexes = (indexes[0].extended(user_ids), indexes[1].extended(product_ids))
+    step("events, index")
+
+    micros = frame["micros"].to_numpy(np.int64)
+    if settings.split == "random":
+        is_test, cutoff = frame["is_test"].to_numpy(bool), None
+    else:
+        is_test, cutoff = time_split_local(micros, settings)
+    numbers = [np.array([ix.numbers[i] for i in ids], dtype=np.int32)
+               for ix, ids in zip(indexes, (user_ids, product_ids), strict=True)]
+    net = matrices_local(
+        numbers[0][user_code], numbers[1][item_code], frame["quantity"].to_numpy(), is_test
+    )
+    matrix = spark.createDataFrame(net, MATRIX_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    matrix.count()  # cached now, so ALS.fit's seconds count ALS only
+    bought = net[net["all"] > 0]
+    counts = {
+        "train": int((net["train"] > 0).sum()),
+        "test": int((net["test"] > 0).sum()),
+        "all": len(bought),
+        "users": int(bought["user"].nunique()),
+        "products": int(bought["item"].nunique()),
+    }
+    return Prepared(matrix, counts, cutoff, indexes, len(frame), _micros_time(micros.min()),
+                    _micros_time(micros.max()), net)

@@ -28,9 +28,9 @@ from pyspark.sql.avro.functions import to_avro
 from recsys import kafka
 from recsys.settings import Settings
 from schemas import codec, topics
+from schemas.millis import from_ms
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,20 @@ class Topics(topics.Names):
     shadow: str = topics.RECOMMENDATIONS_SHADOW  # a rejected challenger's lists
 
 
+# recsys.kafka.PRODUCER_DEFAULTS that Kafka's Java producer takes under the same name (the rest
+# are librdkafka's own, or the Java defaults already).
+_JAVA_PRODUCER_KEYS = ("acks", "enable.idempotence", "compression.type")
+
+
 def kafka_sink_options(settings: Settings) -> dict[str, str]:
-    """Options of Spark's Kafka batch sink: the same safe producer defaults as ours."""
+    """Options of Spark's Kafka batch sink: the same safe producer defaults as ours, taken from
+    recsys.kafka.PRODUCER_DEFAULTS (`kafka.` + the Java producer's name)."""
+    safe = {k: kafka.PRODUCER_DEFAULTS[k] for k in _JAVA_PRODUCER_KEYS}
     return {
         "kafka.bootstrap.servers": settings.kafka_bootstrap,
-        "kafka.acks": "all",
-        "kafka.enable.idempotence": "true",
-        "kafka.compression.type": "lz4",
+        **kafka.java_security_options(settings),  # TLS, SASL
+        **{f"kafka.{k}": str(v).lower() if isinstance(v, bool) else str(v)
+           for k, v in safe.items()},
         "kafka.linger.ms": str(settings.producer_linger_ms),
     }
 
@@ -168,7 +175,7 @@ def _ms(value: datetime | int | float | None) -> datetime | None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromtimestamp(float(value) / 1000.0, UTC)
+    return from_ms(float(value))
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

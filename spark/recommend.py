@@ -3,16 +3,18 @@ the user already bought, in one long shape (user, item, score, rank) that both e
 publishing read; `with_ids` turns it into the published shape.
 
 Excluding bought products exactly needs more than N candidates for a user who bought many (at most
-N + b for b bought). Two ways, chosen by the size of the factors:
-- driver (default while the user and item factors fit in a few hundred MB): the factors come to
-  the driver in one Arrow transfer each, users are scored in blocks, each block one matrix product
-  against all items, bought items get -inf, and a partial sort keeps the top N. On the bundled
-  data this takes about a second, where ALS's own `recommendForUserSubset` took longer than the
-  ALS fit itself (it emits and regroups every candidate row through a shuffle, and the bought
-  lists then need the deep candidates);
-- Spark (larger catalogues): users are grouped by b into a few buckets (b <= 16, 64, 256, ...) and
-  each bucket asks ALS's blocked `recommendForUserSubset` for N + its bound, so the whole catalogue
-  is scored for everybody but shipped only for the users who need it.
+N + b for b bought). Two ways, as the cycle's path says (`spark.train_path`):
+- driver: the factors come to the driver in one Arrow transfer each, users are scored in blocks,
+  each block one matrix product against all items, bought items get -inf, and a partial sort
+  keeps the top N. On the bundled data this takes about a second, where ALS's own
+  `recommendForUserSubset` took longer than the ALS fit itself (it emits and regroups every
+  candidate row through a shuffle, and the bought lists then need the deep candidates);
+- distributed: users are grouped by b into a few buckets (b <= 16, 64, 256, ...) and each bucket
+  asks ALS's blocked `recommendForUserSubset` for N + its bound, so the whole catalogue is scored
+  for everybody but shipped only for the users who need it.
+
+`published` is the cycle's step (every user's list in the published shape); `top_items` the long
+shape evaluation and `recsys models promote` read.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from spark.index import Index
+from spark.train_path import TrainPath
+
 log = logging.getLogger(__name__)
 
-# User and item factors up to this many floats (400 MB) are scored on the driver; users go in
-# blocks of up to _BLOCK_FLOATS scores.
-DRIVER_MAX_FLOATS = 100_000_000
+# On the driver, users are scored in blocks of up to this many scores (32 MB of float32).
 _BLOCK_FLOATS = 8_000_000
 _FIRST_BUCKET = 16
 _BUCKET_GROWTH = 4
@@ -59,22 +62,48 @@ def top_items(
     model: ALSModel,
     users: DataFrame,
     n: int,
-    bought: DataFrame | None = None,
-    on_driver: bool | None = None,
+    bought: DataFrame | None,
+    path: TrainPath,
 ) -> DataFrame:
     """(user, item, score, rank) for the `users` (column `user`) the model knows; rank 1 is best.
 
     With `bought` (user, bought array), those items never appear and every user still gets up
-    to n items (fewer only when the catalogue runs out). `on_driver` None: on the driver while
-    the factors are small (`DRIVER_MAX_FLOATS`), else with Spark.
+    to n items (fewer only when the catalogue runs out).
     """
     users = users.select("user").distinct()
-    if on_driver is None:
-        rows = model.itemFactors.count() + model.userFactors.count()
-        on_driver = rows * model.rank <= DRIVER_MAX_FLOATS
-    if on_driver:
+    if path.driver:
         return _top_items_driver(model, users, n, bought)
     return _top_items_spark(model, users, n, bought)
+
+
+def published(
+    spark: SparkSession,
+    model: ALSModel,
+    full: DataFrame,
+    n: int,
+    filter_bought: bool,
+    indexes: tuple[Index, Index],
+    path: TrainPath,
+    local: tuple[np.ndarray, dict[int, np.ndarray]] | None = None,
+) -> tuple[DataFrame, int]:
+    """Every user of `full` (the matrix the model was fitted on) with their top n, in the
+    published shape of `with_ids` (cached), and how many users got a non-empty list.
+
+    Driver path: scored and named on the driver; `local` (the users and their bought items
+    already there, when the cycle prepared on the driver) saves collecting them again.
+    Distributed: ALS's blocked scoring, ids joined back in Spark."""
+    bought = bought_lists(full) if filter_bought else None  # lazy
+    if not path.driver:
+        long_recs = _top_items_spark(model, full.select("user").distinct(), n, bought)
+        recs = with_ids(long_recs, *(ix.frame(spark) for ix in indexes)).cache()
+        return recs, recs.count()
+    if local is not None:
+        users, bought_local = local
+        lists = top_lists_local(model, users, n, bought_local if filter_bought else None)
+    else:
+        lists = top_lists_driver(model, full.select("user"), n, bought)
+    recs = named_lists(spark, lists, *(ix.names() for ix in indexes)).cache()
+    return recs, int((lists["items"].map(len) > 0).sum())
 
 
 def _stack(vectors: pd.Series) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from spark.store import list_names, read_text, write_text
+from spark.files import list_names, read_text, write_text
 
 
 class Models:

@@ -26,7 +26,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from recsys.settings import Settings
-from spark import evaluate, prepare, train
+from spark import evaluate, prepare, train, train_path
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def search(sales: DataFrame, settings: Settings) -> Tuned:
                                             "als_alpha": alpha})
             model, seconds = train.fit(fit_m, s)
             metrics, _ = evaluate.model_and_baseline(
-                model, fit_local, val_local, settings.eval_k, implicit, True
+                model, fit_local, val_local, settings.eval_k, implicit, train_path.DRIVER
             )
             metrics.pop("eval_users", None)
             point = Point(rank, reg, alpha, metrics, seconds)

@@ -23,7 +23,8 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from recsys.settings import Settings
-from spark.store import SALES_SCHEMA, Store, delete
+from spark.files import delete
+from spark.store import SALES_SCHEMA, Store
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _CHATTY = ("pipeline", "train", "evaluate", "recommend", "index")
 
 def synthetic_frame(seed: int) -> pd.DataFrame:
     """`EVENTS` seeded synthetic sales in the store's columns (as pandas)."""
-    from streams.synthetic import SyntheticSales
+    from recsys.synthetic import SyntheticSales
 
     rows = [sale for sale, _ in SyntheticSales(USERS, PRODUCTS, EVENTS, seed=seed)]
     frame = pd.DataFrame(rows)
@@ -65,7 +66,8 @@ def warm_up(spark: SparkSession, settings: Settings) -> float:
             sales = spark.createDataFrame(synthetic_frame(settings.seed), SALES_SCHEMA)
             store.append_batch(sales, "warmup", 0)
             local = settings.model_copy(update={"data_dir": Path(tmp)})
-            result = pipeline.run_training(spark, store.read(), local, 0)
+            result = pipeline.run_training(spark, store.read(), local, 0,
+                                           indexes=pipeline.load_indexes(spark, local))
             result.recommendations.unpersist()
     finally:
         delete(spark, store.root)
@@ -75,3 +77,14 @@ def warm_up(spark: SparkSession, settings: Settings) -> float:
     log.info("warmed up for the first model: a training cycle on %d synthetic events in %.1f s",
              EVENTS, seconds)
     return seconds
+
+
+def try_warm_up(spark: SparkSession, settings: Settings) -> bool:
+    """`warm_up`, but a failure is logged and swallowed: only speed is lost, and the streaming
+    job's ingest must go on. True when it ran."""
+    try:
+        warm_up(spark, settings)
+    except Exception:
+        log.exception("warm-up failed; the first model will train on a cold JVM")
+        return False
+    return True

@@ -48,6 +48,7 @@ from typing import Any
 from recsys import kafka
 from recsys.settings import Settings
 from schemas import codec, factors, topics
+from schemas.millis import from_ms
 from speed import foldin
 from speed.state import APPLIED, UserState
 
@@ -83,7 +84,7 @@ def recommendation(model: foldin.Model, folded: foldin.Folded, state: UserState,
                   for r, (p, s) in enumerate(folded.items, start=1)],
         "source": topics.FOLD_IN,
         "sale_event_id": state.event_id or None,
-        "sale_timestamp": datetime.fromtimestamp(state.sale_timestamp / 1000, UTC),
+        "sale_timestamp": from_ms(state.sale_timestamp),
     }
 
 
@@ -105,6 +106,7 @@ class SpeedLayer:
         self.topics = topics_ or Topics()
         self.group = group
         self.states: dict[str, UserState] = {}
+        self._folded: set[str] = set()  # users given a fold-in list under the current model
         self.model: foldin.Model | None = None
         self.normals: OrderedDict[str, foldin.Normal] = OrderedDict()  # of self.model, LRU
         self.assembler = factors.Assembler()
@@ -175,11 +177,18 @@ class SpeedLayer:
         self.model = model
         self.normals.clear()
         stale = newer_than_model(self.states.values(), done, self.topics.sales)
-        self._publish(stale)
+        # The users folded in under the old model are folded in again too: a model's own lists
+        # go out before its factors, so such a list may have been published after the new
+        # model's and would stay the newest on the compacted topic (the reliability tier's
+        # ledger found users left with the old model's list).
+        newer = {s.user_id for s in stale}
+        again = [self.states[u] for u in self._folded - newer if u in self.states]
+        self._folded = set()
+        self._publish(stale + again)
         self._flush()
-        log.info("switched to model %d (%d products, rank %d); %d users with newer sales "
-                 "folded in again under it", model.version, len(model.product_ids), model.rank,
-                 len(stale))
+        log.info("switched to model %d (%d products, rank %d); %d users with newer sales and %d "
+                 "folded in under the old model folded in again under it", model.version,
+                 len(model.product_ids), model.rank, len(stale), len(again))
 
     # -- state restore (consumer group callbacks) ---------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -322,6 +331,7 @@ class SpeedLayer:
                 continue
             self._produce(self.topics.recommendations, folded.user_id,
                           self._encode_rec(recommendation(model, folded, state, now)))
+            self._folded.add(folded.user_id)
             self.counts["lists"] += 1
 
     def _normal(self, state: UserState) -> foldin.Normal:
@@ -389,7 +399,7 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
     """`recsys speed`: run until SIGTERM/SIGINT."""
     from recsys.topics import missing_topics
 
-    t = Topics.with_prefix(args.topic_prefix) if args.topic_prefix else Topics()
+    t = Topics.with_prefix(args.topic_prefix or "")
     problem = missing_topics(settings, [t.sales, t.model_factors, t.recommendations, t.state])
     if problem:
         print(f"recsys speed: {problem}", file=sys.stderr)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from schemas.millis import from_ms, to_ms
+
 APPLIED, REPLAYED, DUPLICATE = "applied", "replayed", "duplicate"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def digest(event_id: str) -> int:
@@ -63,7 +63,7 @@ class UserState:
             "partition": self.partition,
             "offset": self.offset,
             "event_id": self.event_id,
-            "sale_timestamp": datetime.fromtimestamp(self.sale_timestamp / 1000, UTC),
+            "sale_timestamp": from_ms(self.sale_timestamp),
         }
 
     @classmethod
@@ -71,6 +71,6 @@ class UserState:
         raw = record["event_hashes"]
         hashes = set(np.frombuffer(raw, "<u8").tolist())
         ts = record["sale_timestamp"]
-        ms = int((ts - _EPOCH).total_seconds() * 1000) if isinstance(ts, datetime) else int(ts)
+        ms = to_ms(ts)
         return cls(record["user_id"], {k: int(v) for k, v in record["quantities"].items()},
                    hashes, int(record["partition"]), int(record["offset"]), record["event_id"], ms)

@@ -26,19 +26,23 @@ from typing import Any
 
 from recsys.settings import Settings
 from schemas import topics as T
+from schemas.metrics import PRECISION_AT_K
+from schemas.millis import now_ms as _now_ms
+from schemas.millis import to_ms
 from streams.faust_codec import Undecodable
-from streams.feedback import RETRAIN, Listing, feedback_record, match, to_ms
-from streams.tables import (
+from streams.feedback import RETRAIN, Listing, feedback_record, match
+from streams.state import (
     MAX_MODEL_RECORDS,
+    BatchSale,
     DeadLetterState,
     RecommendationState,
     State,
-    Tables,
     list_key,
     list_value,
     rollup_key,
     serving_of,
 )
+from streams.tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,6 @@ class Topics:
     recommendations: Any
     feedback: Any
     shadow: Any = None  # recommendations-shadow
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _source(event: Any) -> str:
@@ -137,7 +137,7 @@ class Aggregation:
         record, then fold the minutes that left the window. Returns the sales counted."""
         sales, recs, counters = self.state.sales, self.state.recs, self.state.counters
         shadow, timeline = self.state.shadow, self.state.timeline
-        entries: list[list[Any]] = []
+        entries: list[BatchSale] = []
         fresh: set[str] = set()
         key = None
         for event in events:
@@ -156,10 +156,8 @@ class Aggregation:
                 continue
             user, product, qty = value["user_id"], value["product_id"], int(value["quantity"])
             m = match(recs.listings(user), product, ts, timeline.at(ts), shadow.listings(user))
-            entry = [eid, ts, user, product, qty, m.model_version, int(m.hit), part, m.source]
-            if m.shadow_version is not None:
-                entry += [m.shadow_version, int(m.shadow_hit)]
-            entries.append(entry)
+            entries.append(BatchSale(eid, ts, user, product, qty, m.model_version, int(m.hit), part,
+                                     m.source, m.shadow_version, int(m.shadow_hit)))
             fresh.add(eid)
             if key is None:
                 msg = event.message
@@ -168,7 +166,7 @@ class Aggregation:
         if entries:
             # The key is the first NEW sale's position, so it can never name a record written
             # before (that record's first sale would be in the dedupe set).
-            self.tables.sales_batches[key] = {"e": entries}
+            self.tables.sales_batches[key] = {"e": [e.stored() for e in entries]}
             sales.add(key, entries)
         await self.fold()
         return len(entries)
@@ -350,7 +348,7 @@ class Aggregation:
         stats = self.state.recs.versions.get(mv) or self.state.shadow.versions.get(mv)
         k = stats.k if stats and stats.k else self.settings.top_n
         model = self.state.models.get(mv) or {}
-        offline = (model.get("metrics") or {}).get("precision_at_k")
+        offline = (model.get("metrics") or {}).get(PRECISION_AT_K)
         return feedback_record(mv, counts, k, window, offline, now_ms)
 
     async def on_recovered(self) -> None:

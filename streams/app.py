@@ -46,6 +46,7 @@ from recsys import settings as settings_mod
 from recsys.settings import Settings
 from schemas import topics as T
 from streams import agents as agents_mod
+from streams import state as state_mod
 from streams import tables as tables_mod
 from streams import views
 from streams.faust_codec import AvroCodec
@@ -65,7 +66,7 @@ class Aggregator:
 
     app: faust.App
     tables: tables_mod.Tables
-    state: tables_mod.State
+    state: state_mod.State
     topics: agents_mod.Topics
     aggregation: agents_mod.Aggregation
     agents: dict[str, Any]
@@ -87,30 +88,11 @@ def broker_partitions(settings: Settings, topic_prefix: str = "", timeout: float
                       ) -> dict[str, int]:
     """Partitions of the topics the aggregator uses, from the broker; TopicError when one is
     missing (Faust would otherwise wait for it forever)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
+    from recsys.topics import topic_partitions
 
-    from recsys.kafka import admin_config
-    from recsys.topics import TopicError
-
-    try:
-        admin = AdminClient({**admin_config(settings), "reconnect.backoff.ms": 1000,
-                             "reconnect.backoff.max.ms": 5000})  # one line per second, not 20
-        md = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise TopicError(f"Kafka at {settings.kafka_bootstrap} did not answer: {exc}") from None
-    out, missing = {}, []
-    for name in INPUTS + OUTPUTS:
-        real = f"{topic_prefix}{name}"
-        t = md.topics.get(real)
-        if t is None or t.error is not None:
-            missing.append(real)
-        else:
-            out[name] = len(t.partitions)
-    if missing:
-        raise TopicError(f"topics missing on {settings.kafka_bootstrap}: {', '.join(missing)}; "
-                         "run `recsys topics create`")
-    return out
+    names = INPUTS + OUTPUTS
+    found = topic_partitions(settings, [f"{topic_prefix}{n}" for n in names], timeout)
+    return {n: len(found[f"{topic_prefix}{n}"]) for n in names}
 
 
 async def drain_buffer(producer: Any) -> None:
@@ -164,6 +146,10 @@ def create_app(
         "web_stats_enabled": False,
         "logging_config": None,
     }
+    from recsys.kafka import faust_credentials
+
+    if (credentials := faust_credentials(settings)) is not None:  # TLS, SASL: recsys/kafka.py
+        options["broker_credentials"] = credentials
     options.update(faust_options)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(name or app_id(topic_prefix), **options)
@@ -181,7 +167,7 @@ def create_app(
         shadow=topic(T.RECOMMENDATIONS_SHADOW, "Recommendation"),
     )
     tables = tables_mod.declare(app, parts)
-    state = tables_mod.State(horizon_ms(settings.feedback_horizon_seconds),
+    state = state_mod.State(horizon_ms(settings.feedback_horizon_seconds),
                              settings.aggregate_keep_models)
 
     async def drain() -> None:
@@ -234,10 +220,8 @@ def create_app(
 
 
 def _with_flags(settings: Settings, args: argparse.Namespace) -> Settings:
-    given = {"aggregate_web_port": getattr(args, "web_port", None),
-             "aggregate_web_host": getattr(args, "web_host", None)}
-    given = {k: v for k, v in given.items() if v is not None}
-    return settings_mod.load(**{**settings.model_dump(), **given}) if given else settings
+    return settings_mod.override(settings, aggregate_web_port=getattr(args, "web_port", None),
+                                 aggregate_web_host=getattr(args, "web_host", None))
 
 
 def cli(settings: Settings, args: argparse.Namespace) -> int:
@@ -245,6 +229,9 @@ def cli(settings: Settings, args: argparse.Namespace) -> int:
     from recsys.topics import TopicError
 
     settings = _with_flags(settings, args)
+    if (problem := views.token_problem(settings)) is not None:  # before any network I/O
+        print(f"recsys: {problem}", file=sys.stderr)
+        return 2
     prefix = getattr(args, "topic_prefix", None) or ""
     try:
         partitions = broker_partitions(settings, prefix)

@@ -19,12 +19,14 @@ import signal
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import IO, Any
 
 from recsys.kafka import consumer_config
 from recsys.settings import Settings
+from recsys.topics import TopicError, topic_partitions
 from schemas import codec
+from schemas.millis import from_ms
 from schemas.topics import BY_NAME
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def render(msg: Any, expect: str | None) -> str:
     head: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
     ts_type, ts = msg.timestamp()
     if ts_type != 0 and ts is not None and ts >= 0:  # 0: TIMESTAMP_NOT_AVAILABLE
-        head["timestamp"] = datetime.fromtimestamp(ts / 1000, UTC).isoformat()
+        head["timestamp"] = from_ms(ts).isoformat()
     head.update(_key(msg.key()))
     value = msg.value()
     try:
@@ -103,15 +105,11 @@ def consume(
     written = 0
     try:
         try:
-            md = consumer.list_topics(topic, timeout=15)
-        except KafkaException as exc:
-            raise LookupError(f"cannot reach Kafka at {settings.kafka_bootstrap}: "
-                              f"{exc.args[0]}") from None
-        found = md.topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            raise LookupError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}")
+            partitions = topic_partitions(settings, [topic])[topic]
+        except TopicError as exc:
+            raise LookupError(str(exc)) from None
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in sorted(found.partitions)])
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         known = BY_NAME.get(topic)
         expect = known.value_schema if known is not None else None
         last = time.monotonic()

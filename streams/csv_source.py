@@ -12,26 +12,21 @@ Row numbers count data rows from 1 (the header is not a row); the event id is
 
 from __future__ import annotations
 
-import argparse
 import csv
-import gzip
 import io
 import itertools
 import math
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from recsys.csv_mapping import CsvMapping, open_text, time_parser
+from schemas.millis import now_ms
 
 Record = dict[str, Any]
 Item = tuple[Record | None, Record | None]  # (sale, None) or (None, dead letter)
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MS = timedelta(milliseconds=1)
 INT32 = (-(2**31), 2**31 - 1)
 _CACHE_MAX = 200_000  # distinct raw values kept per column; the bundled file has ~23k times
 _SALE_LAYOUT = (
@@ -42,77 +37,6 @@ _SALE_LAYOUT = (
 
 class BadRow(ValueError):
     """A row that cannot become a `Sale`; str() is the DLQ reason."""
-
-
-@dataclass(frozen=True)
-class CsvMapping:
-    """Which CSV column holds which `Sale` field; '' for an optional field means none.
-
-    Field names match the `--*-col` flags and spark.csv_input.CsvMapping, so `produce` and
-    `train --file` read a file the same way. The defaults are the bundled file's names; a
-    user's file gets its mapping from `streams.csv_mapping.resolve`, which fits the flags to
-    the file's header (an optional column the file lacks and nobody named is simply absent).
-    """
-
-    user_col: str = "CustomerID"
-    product_col: str = "StockCode"
-    quantity_col: str = "Quantity"
-    time_col: str = "InvoiceDate"
-    price_col: str = "UnitPrice"
-    invoice_col: str = "InvoiceNo"
-    description_col: str = "Description"
-    country_col: str = "Country"
-    time_format: str = "%Y-%m-%d %H:%M:%S"  # strptime format, "iso", "epoch-s" or "epoch-ms"
-    timezone: str = "Europe/London"  # zone of naive timestamps
-    delimiter: str = ","
-
-    def __post_init__(self) -> None:
-        if len(self.delimiter) != 1:
-            raise ValueError(f"--delimiter must be one character, not {self.delimiter!r}")
-        if not self.time_format:
-            raise ValueError("--time-format must not be empty")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CsvMapping:
-        """The mapping from the shared CLI flags (unset flags keep the defaults); a typed `\\t`
-        delimiter means a tab."""
-        given = {f.name: getattr(args, f.name, None) for f in fields(cls)}
-        if given.get("delimiter") == "\\t":
-            given["delimiter"] = "\t"
-        return cls(**{k: v for k, v in given.items() if v is not None})
-
-
-def time_parser(time_format: str, timezone: str) -> Callable[[str], int]:
-    """raw -> UTC epoch millis; ValueError when the text does not fit the format."""
-    try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown timezone {timezone!r}") from None
-
-    def aware(dt: datetime) -> int:
-        # A naive time is wall-clock time in `zone`; in the autumn's repeated hour it reads as
-        # the first (summer-time) one, as zoneinfo's fold=0 does.
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=zone)
-        return (dt - EPOCH) // MS
-
-    if time_format in ("epoch-ms", "epoch-s"):
-        scale = 1 if time_format == "epoch-ms" else 1000
-
-        def parse(raw: str) -> int:
-            try:
-                return int(raw) * scale
-            except ValueError:
-                value = float(raw)  # "1.29e12" or "1291191960000.0"
-                if not math.isfinite(value):
-                    raise
-                return int(value * scale)  # truncated, as Spark's cast to long
-
-        return parse
-    if time_format == "iso":
-        return lambda raw: aware(datetime.fromisoformat(raw))
-    strptime = datetime.strptime
-    return lambda raw: aware(strptime(raw, time_format))
 
 
 class RowMapper:
@@ -217,7 +141,8 @@ class RowMapper:
         `(False, s["user_id"], sale(s))` for `s = map_row(row, n)` (BadRow alike), at about
         half the cost: each column's raw text maps straight to its encoded bytes, the dict in
         between is never built. `sale` is the producer's FlatEncoder of Sale (its `writers`,
-        `schema.header` and `field_names`); False is `to_dlq`, as `CsvSource.encoded` yields.
+        `schema.header` and `field_names`, schemas/flat_encoder.py); False is `to_dlq`, as
+        `CsvSource.encoded` yields.
 
         None when this mapping or schema does not fit the fused layout (an optional column not
         mapped, the Sale fields changed): the caller then maps and encodes in two steps.
@@ -350,7 +275,7 @@ def dead_letter(source_name: str, row_number: int, reason: str, original_row: st
         "source": f"{source_name}:{row_number}",
         "stage": "produce",
         "reason": reason,
-        "failed_at": int(time.time() * 1000),
+        "failed_at": now_ms(),
         "original_bytes": None,
         "original_row": original_row,
         "source_topic": None,
@@ -358,14 +283,6 @@ def dead_letter(source_name: str, row_number: int, reason: str, original_row: st
         "source_offset": None,
         "row_number": row_number,
     }
-
-
-def open_text(path: Path) -> io.TextIOBase:
-    """Plain or gzip UTF-8 text (a BOM is skipped), newline='' as the csv module wants. Bytes
-    that are not UTF-8 read as U+FFFD rather than stopping the replay."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 class _Lines:

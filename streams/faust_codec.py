@@ -43,8 +43,10 @@ class AvroCodec(Codec):
             if codec.writer_of(s) is self._current:
                 # Written with the current schema: no resolution needed, about twice as fast as
                 # codec.decode.
-                return fastavro.schemaless_reader(io.BytesIO(s[codec.HEADER_LEN:]),
-                                                  self._current.fast, None)
+                record = fastavro.schemaless_reader(io.BytesIO(s[codec.HEADER_LEN:]),
+                                                    self._current.fast, None)
+                codec.require_ids(self.record, record)  # as decode does
+                return record
             return codec.decode(s, expect=self.record)[1]
         except codec.DecodeError as exc:
             return Undecodable(str(exc), None if s is None else bytes(s))

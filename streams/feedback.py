@@ -43,7 +43,6 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from schemas.topics import FOLD_IN, RETRAIN  # Recommendation.source
@@ -51,13 +50,6 @@ from schemas.topics import FOLD_IN, RETRAIN  # Recommendation.source
 BUCKET_MS = 60_000  # sales are grouped by arrival minute: the ingest rate and the window's step
 
 SOURCES = (RETRAIN, FOLD_IN)
-
-
-def to_ms(value: int | float | datetime) -> int:
-    """Milliseconds since the epoch from fastavro's timestamp-millis (a datetime) or a number."""
-    if isinstance(value, datetime):
-        return round(value.timestamp() * 1000)
-    return int(value)
 
 
 def bucket_of(ts_ms: int) -> int:

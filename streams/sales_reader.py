@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import mode
 
-from recsys.kafka import CONSUMER_DEFAULTS
+from recsys.kafka import CONSUMER_DEFAULTS, aiokafka_security
 from recsys.settings import Settings
 from streams.agents import BATCH, Aggregation
 from streams.faust_codec import AvroCodec
@@ -78,6 +78,7 @@ def consumer_options(settings: Settings, group_id: str) -> dict[str, Any]:
         "client_id": group_id,
         "enable_auto_commit": CONSUMER_DEFAULTS["enable.auto.commit"],  # commit after the work
         "auto_offset_reset": CONSUMER_DEFAULTS["auto.offset.reset"],
+        **aiokafka_security(settings),  # TLS, SASL: recsys/kafka.py
     }
 
 
@@ -95,7 +96,7 @@ def aiokafka_admin(settings: Settings, client_id: str) -> Callable[[], Any]:
         from aiokafka.admin import AIOKafkaAdminClient
 
         return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                   client_id=client_id)
+                                   client_id=client_id, **aiokafka_security(settings))
 
     return make
 

@@ -14,14 +14,24 @@
     GET /ready                      200 once the tables are recovered and a first model exists,
                                     503 before
 
+With `RECSYS_API_TOKEN` set, /recommendations and /stats answer only a request carrying
+`Authorization: Bearer <token>` (401 otherwise; compared in constant time); /ready stays open for
+health checks and tells nothing about users. With Kafka secured and no token the worker refuses to
+start (`token_problem`): a secured pipeline must not serve every user's list to anyone who can
+reach the port.
+
 Handlers read the in-memory views only (no awaits), so an answer never sees half an update.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
+from recsys.settings import Settings
+from schemas.millis import now_ms
 from streams.agents import Aggregation
 from streams.feedback import SOURCES, source_figures
 
@@ -37,7 +47,7 @@ def stats(agg: Aggregation) -> dict[str, Any]:
     start, end = sales.window_bounds()
     versions = sorted(set(state.models) | set(state.recs.versions) | set(state.shadow.versions),
                       reverse=True)
-    now_ms = int(time.time() * 1000)
+    now = now_ms()
     per_version = []
     for mv in versions:
         rs = state.recs.versions.get(mv) or state.shadow.versions.get(mv)
@@ -62,7 +72,7 @@ def stats(agg: Aggregation) -> dict[str, Any]:
             "trained_at": model["trained_at"] if model else None,
             "trigger": model["trigger"] if model else None,
             # Sales judged against this version's lists, served or (a challenger) in shadow.
-            "feedback": agg.feedback(mv, (start, end), now_ms)
+            "feedback": agg.feedback(mv, (start, end), now)
             if mv in sales.window.by_version or mv in sales.window.shadow else None,
         })
     shadow = []
@@ -108,23 +118,25 @@ def stats(agg: Aggregation) -> dict[str, Any]:
     }
 
 
-class Popular:
-    """The list for users without one: the most bought products (or, before any sale, the
-    products the latest model shows most), recomputed at most every STATS_TTL seconds: it
-    sorts every product, too slow to do per request."""
+class Cached:
+    """`compute(agg)`, recomputed at most every `ttl` seconds: /stats and the popular list sort
+    every product, too slow to do per request."""
 
-    def __init__(self) -> None:
-        self.at = -STATS_TTL
-        self.value: tuple[int | None, list[dict[str, Any]]] = (None, [])
+    def __init__(self, compute: Callable[[Aggregation], Any], ttl: float = STATS_TTL) -> None:
+        self.compute, self.ttl = compute, ttl
+        self.at = -ttl
+        self.value: Any = None
 
-    def get(self, agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
+    def get(self, agg: Aggregation) -> Any:
         now = time.monotonic()
-        if now - self.at >= STATS_TTL:
-            self.value, self.at = popular(agg), now
+        if now - self.at >= self.ttl:
+            self.value, self.at = self.compute(agg), now
         return self.value
 
 
 def popular(agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
+    """The list for users without one: the most bought products (or, before any sale, the
+    products the latest model shows most)."""
     mv = agg.state.serving if agg.state.serving is not None else agg.state.latest_model
     stats_ = agg.state.recs.versions.get(mv) if mv is not None else None
     n = stats_.k if stats_ and stats_.k else agg.settings.top_n
@@ -137,7 +149,7 @@ def popular(agg: Aggregation) -> tuple[int | None, list[dict[str, Any]]]:
     return mv, items
 
 
-def recommendations(agg: Aggregation, user_id: str, cache: Popular | None = None
+def recommendations(agg: Aggregation, user_id: str, cache: Cached | None = None
                     ) -> dict[str, Any]:
     lst = agg.state.recs.chosen(user_id, agg.state.serving)
     if lst is not None:
@@ -153,22 +165,43 @@ def recommendations(agg: Aggregation, user_id: str, cache: Popular | None = None
     return {"user_id": user_id, "source": "popular", "model_version": mv, "items": items}
 
 
+def token_problem(settings: Settings) -> str | None:
+    """The line refusing to start the read API without a token while Kafka is secured."""
+    from recsys.security import token_problem as problem
+
+    return problem(settings, "api_token", "the read API would serve every user's list")
+
+
+def authorized(settings: Settings, header: str | None) -> bool:
+    """Whether an `Authorization` header carries the configured bearer token (any, if none)."""
+    token = settings.api_token.get_secret_value()
+    if not token:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                               token.encode())
+
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="recsys"'}
+
+
 def register(app: Any, agg: Aggregation) -> None:
-    cache: dict[str, Any] = {"at": -STATS_TTL, "body": None}
-    popular_cache = Popular()
+    stats_cache = Cached(stats)
+    popular_cache = Cached(popular)
 
     @app.page("/recommendations/{user_id}")
     async def recommendations_view(self: Any, request: Any, user_id: str) -> Any:
+        if not authorized(agg.settings, request.headers.get("Authorization")):
+            return self.error(401, "a bearer token is required", headers=UNAUTHORIZED)
         if not agg.state.recovered:
             return self.json({"error": "recovering tables"}, status=503)
         return self.json(recommendations(agg, user_id, popular_cache))
 
     @app.page("/stats")
     async def stats_view(self: Any, request: Any) -> Any:
-        now = time.monotonic()
-        if cache["body"] is None or now - cache["at"] >= STATS_TTL:
-            cache["body"], cache["at"] = stats(agg), now
-        return self.json(cache["body"])
+        if not authorized(agg.settings, request.headers.get("Authorization")):
+            return self.error(401, "a bearer token is required", headers=UNAUTHORIZED)
+        return self.json(stats_cache.get(agg))
 
     @app.page("/ready")
     async def ready_view(self: Any, request: Any) -> Any:

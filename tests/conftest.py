@@ -21,6 +21,7 @@ from recsys.broker import BrokerError, LocalBroker, free_port
 log = logging.getLogger(__name__)
 
 BROKER_START_TIMEOUT = 120.0  # generous: the machine is shared, a cold JVM can be slow
+CLUSTER_START_TIMEOUT = 240.0  # five JVMs (three brokers, master, two workers) on two cores
 
 
 class BrokerFactory:
@@ -34,11 +35,14 @@ class BrokerFactory:
         self.base = base
         self.brokers: list[LocalBroker] = []
 
-    def start(self, heap_mb: int = 512, timeout: float = BROKER_START_TIMEOUT) -> LocalBroker:
+    def start(self, heap_mb: int = 512, timeout: float = BROKER_START_TIMEOUT,
+              secure: bool = False) -> LocalBroker:
+        """`secure`: TLS + SASL/SCRAM only, an ACL per role (RECSYS_BROKER_SECURE's broker)."""
         for attempt in range(3):  # a free port can be taken between choosing and binding it
             port = free_port()
             data_dir = self.base / f"broker-{len(self.brokers)}-{port}"
-            broker = LocalBroker(data_dir, port, heap_mb=heap_mb, die_with_parent=True)
+            broker = LocalBroker(data_dir, port, heap_mb=heap_mb, die_with_parent=True,
+                                 secure=secure)
             self.brokers.append(broker)
             try:
                 return broker.start(timeout=timeout)
@@ -61,6 +65,30 @@ def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerF
     factory = BrokerFactory(tmp_path_factory.mktemp("kafka"))
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The loopback cluster (recsys/cluster.py, as `recsys cluster up`): three KRaft brokers,
+    a Spark master and two workers on free ports, every declared topic created with replication
+    3. One per session; fault tests kill and restart its parts (`cluster.brokers[i].kill()`,
+    `cluster.workers[i].restart()`); `cluster.start()` again starts whatever a test left
+    stopped and waits for it. A cluster that cannot start FAILS the tests, never skips."""
+    from recsys.cluster import ClusterError, LocalCluster
+    from recsys.topics import TopicError, create_topics
+
+    # <data_dir>/cluster, as `recsys cluster up` lays it out: `recsys --data-dir <data_dir>
+    # cluster status` answers for this one too.
+    started = LocalCluster(tmp_path_factory.mktemp("cluster-data") / "cluster", free_ports=True,
+                           die_with_parent=True)
+    try:
+        started.start(timeout=CLUSTER_START_TIMEOUT)
+        create_topics(started.settings())
+    except (ClusterError, TopicError) as exc:
+        started.kill()
+        pytest.fail(f"the loopback cluster did not start: {exc}", pytrace=False)
+    yield started
+    started.kill()
 
 
 @pytest.fixture(scope="session")

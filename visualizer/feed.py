@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from recsys.kafka import consumer_config
 from recsys.settings import Settings
 from schemas import codec, topics
+from schemas.millis import now_ms
 from visualizer.state import DashboardState, Meta
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Feed:
     def _decode(self, msg: Any) -> tuple[dict[str, Any] | None, Meta] | None:
         topic = msg.topic()
         ts_type, ts = msg.timestamp()
-        meta = Meta(topic, msg.partition(), msg.offset(), ts if ts > 0 else int(time.time() * 1000))
+        meta = Meta(topic, msg.partition(), msg.offset(), ts if ts > 0 else now_ms())
         value = msg.value()
         if value is None and topic in (topics.RECOMMENDATIONS, topics.RECOMMENDATIONS_SHADOW):
             return None  # a tombstone on the compacted topic: nothing to draw

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
-from recsys.settings import Settings, load
+from recsys.settings import Settings, override
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,12 @@ def origins(settings: Settings) -> list[str]:
 
 def _with_flags(settings: Settings, args: argparse.Namespace) -> Settings:
     """Settings with the command's flags on top (validated like the environment)."""
-    overrides: dict[str, Any] = {
-        "dashboard_host": getattr(args, "host", None),
-        "dashboard_port": getattr(args, "port", None),
-        "dashboard_allow_websocket_origin": getattr(args, "allow_websocket_origin", None),
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if not overrides:
-        return settings
-    return load(**{**settings.model_dump(exclude_unset=True), **overrides})
+    return override(
+        settings,
+        dashboard_host=getattr(args, "host", None),
+        dashboard_port=getattr(args, "port", None),
+        dashboard_allow_websocket_origin=getattr(args, "allow_websocket_origin", None),
+    )
 
 
 def build_server(settings: Settings) -> Any:
@@ -57,11 +55,32 @@ def build_server(settings: Settings) -> Any:
         address=settings.dashboard_host,
         port=settings.dashboard_port,
         allow_websocket_origin=origins(settings),
+        **auth_options(settings),
     )
+
+
+def auth_options(settings: Settings) -> dict[str, Any]:
+    """Bokeh server options putting the dashboard behind RECSYS_DASHBOARD_TOKEN (none: open)."""
+    token = settings.dashboard_token.get_secret_value()
+    if not token:
+        return {}
+    from visualizer.auth import TokenAuth
+
+    return {"auth_provider": TokenAuth(token)}
+
+
+def token_problem(settings: Settings) -> str | None:
+    """The line refusing to serve the dashboard without a token while Kafka is secured."""
+    from recsys.security import token_problem as problem
+
+    return problem(settings, "dashboard_token", "the dashboard would show purchases and lists")
 
 
 def cli(settings: Settings, args: argparse.Namespace) -> int:
     settings = _with_flags(settings, args)
+    if (problem := token_problem(settings)) is not None:  # before any network I/O
+        print(f"recsys: {problem}", file=sys.stderr)
+        return 2
     try:
         server = build_server(settings)
     except OSError as exc:  # the port is taken, or the address is not this machine's

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from schemas import topics
+from schemas.dead_letters import reason_label
+from schemas.millis import to_ms
 from schemas.topics import FOLD_IN, RETRAIN  # Recommendation.source
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ MAX_EDGES_PER_VERSION = 200_000
 MAX_HISTORY = 500
 MAX_DESCRIPTIONS = 100_000
 MAX_DLQ_REASONS = 24
-MAX_REASON_CHARS = 60
 RATE_WINDOW_S = 600
 MAX_SECONDS = 100_000
 MAX_BAD_OFFSETS = 10_000
@@ -64,9 +65,6 @@ MAX_FRESHNESS = 300_000  # fold-ins kept for it: a minute at 5,000 lists/s
 # Parts of the state a session may redraw separately; each has its own revision counter.
 MODELS, GRAPH, STREAM, FEEDBACK = "models", "graph", "stream", "feedback"
 PARTS = (MODELS, GRAPH, STREAM, FEEDBACK)
-
-METRICS = ("rmse", "precision_at_k", "recall_at_k", "ndcg_at_k", "map_at_k", "coverage")
-
 
 class Meta(NamedTuple):
     """Where a record came from, as the consumer saw it."""
@@ -138,13 +136,6 @@ class ModelSummary:
 def percentile(ordered: list[int], q: float) -> int:
     """Nearest-rank percentile of sorted values (a value that occurred, never an interpolation)."""
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def reason_label(stage: str, reason: str) -> str:
-    """A short, low-cardinality label: the text before the first ':' (details follow it)."""
-    head = reason.split(":", 1)[0].strip() or "unknown"
-    label = f"{stage}: {head}" if stage else head
-    return label if len(label) <= MAX_REASON_CHARS else label[: MAX_REASON_CHARS - 1] + "…"
 
 
 class DashboardState:
@@ -587,6 +578,4 @@ def _ms(value: Any) -> int:
     """fastavro reads timestamp-millis as an aware datetime; keep plain epoch ms."""
     if value is None:
         return 0
-    if hasattr(value, "timestamp"):
-        return int(value.timestamp() * 1000)
-    return int(value)
+    return to_ms(value)

@@ -38,11 +38,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from recsys import paths
 from recsys.broker import LocalBroker, free_port
-from recsys.kafka import consumer_config, producer_config
+from recsys.kafka import consumer_config, producer_config, read_to_end
 from recsys.settings import Settings, load
 from recsys.topics import create_topics
 from schemas import codec
 from schemas import topics as T
+from schemas.dead_letters import reason_label
 from streams.feedback import (
     BUCKET_MS,
     FOLD_IN,
@@ -54,7 +55,6 @@ from streams.feedback import (
     recompute_shadow,
     window_bounds,
 )
-from streams.tables import reason_label
 
 pytestmark = pytest.mark.integration
 
@@ -170,31 +170,6 @@ def produce(settings: Settings, records: list[tuple[str, bytes, bytes, int | Non
     assert producer.flush(60) == 0 and errors == []
 
 
-def read_all(settings: Settings, topic: str) -> list[Any]:
-    """Every record on `topic` now (all partitions, to the high watermark)."""
-    consumer = Consumer(consumer_config(settings, f"check-{os.urandom(4).hex()}"))
-    try:
-        md = consumer.list_topics(topic, timeout=10).topics[topic]
-        ends = {}
-        for p in md.partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        got: list[Any] = []
-        pos = {p: 0 for p in ends}
-        deadline = time.monotonic() + 60
-        while any(pos[p] < ends[p] for p in ends) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            assert msg.error() is None, msg.error()
-            got.append(msg)
-            pos[msg.partition()] = msg.offset() + 1
-        return got
-    finally:
-        consumer.close()
-
-
 # --- the data ------------------------------------------------------------------------------------
 
 
@@ -277,7 +252,7 @@ def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int,
              shadow: dict[str, list[Listing]]) -> dict[str, Any]:
     seen: set[str] = set()
     rows = []
-    for msg in read_all(settings, T.SALES):
+    for msg in read_to_end(settings, T.SALES):
         try:
             _, rec = codec.decode(msg.value(), "Sale")
         except codec.DecodeError:
@@ -297,7 +272,7 @@ def expected(settings: Settings, lists: dict[str, list[Listing]], clock_ms: int,
     window = [r for r in rows if r[0] >= start]
     feedback = recompute(window, lists, {1: K})[1]
     reasons: Counter[str] = Counter()
-    for msg in read_all(settings, T.SALES_DLQ):
+    for msg in read_to_end(settings, T.SALES_DLQ):
         _, rec = codec.decode(msg.value(), "DeadLetter")
         reasons[reason_label(rec["stage"], rec["reason"])] += 1
     return {
@@ -397,7 +372,7 @@ def test_worker_tables_match_the_topics_across_a_sigkill(settings: Settings, tmp
 
         # The published feedback for the final window equals the recomputation.
         def published() -> dict[str, Any] | None:
-            recs_ = [codec.decode(m.value(), "Feedback")[1] for m in read_all(settings,
+            recs_ = [codec.decode(m.value(), "Feedback")[1] for m in read_to_end(settings,
                                                                               T.FEEDBACK)]
             last = [r for r in recs_ if r["model_version"] == 1]
             return last[-1] if last and last[-1]["sales"] == want["feedback"]["sales"] else None

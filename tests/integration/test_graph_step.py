@@ -29,7 +29,8 @@ def test_graph_step_exports_graphx_figures_and_model_ready_carries_them(settings
     create_topics(s, topics=used, names=renamed(f"t{unique}.", topics=used))
     topics = Topics.with_prefix(f"t{unique}.")
     sales = read_purchases_csv(spark, BUNDLED_DATA).limit(30_000).cache()
-    result = pipeline.run_training(spark, sales, s, model_version=1)
+    result = pipeline.run_training(spark, sales, s, model_version=1,
+                                   indexes=pipeline.load_indexes(spark, s))
     try:
         n, where = job.publish_graph(spark, s, topics, result, sales)
     finally:

@@ -13,14 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from pyspark.sql import functions as F
-from test_stream import decoded, job_settings, make_topics, read_all
+from test_stream import decoded, job_settings, make_topics
 
+from recsys.csv_mapping import CsvMapping
+from recsys.kafka import read_to_end
 from recsys.paths import BUNDLED_DATA, ROOT
 from recsys.settings import load
 from schemas import codec
 from spark.csv_input import read_purchases_csv
 from spark.job import train_and_publish
-from streams.csv_source import CsvMapping
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ FEES = re.compile(r"^(POST|DOT|M|m|D|C2|CRUK|BANK CHARGES|AMAZONFEE|S|B|PADS)$")
 
 
 def _lists(settings, topic: str) -> list[dict]:
-    return [codec.decode(m.value())[1] for m in read_all(settings, topic)]
+    return [codec.decode(m.value())[1] for m in read_to_end(settings, topic)]
 
 
 def _models(settings, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -83,7 +84,7 @@ def test_the_gate_promotes_rejects_and_a_rollback_returns(settings, unique, spar
     again = [r for r in _lists(s, topics.recommendations)[len(served):]
              if r["model_version"] == 1]
     assert len(again) >= 0.9 * len(served)  # model 1's lists, published again
-    factors = read_all(s, topics.model_factors)
+    factors = read_to_end(s, topics.model_factors)
     chunks = [codec.decode(m.value())[1]["model_version"] for m in factors if m.value()]
     assert chunks[-1] == 1  # the speed layer switches back to model 1
     retired = {m.key().decode().split(":")[0] for m in factors if m.value() is None}

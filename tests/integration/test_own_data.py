@@ -12,25 +12,23 @@ from __future__ import annotations
 import math
 import random
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from pyspark.sql import SparkSession
 
 from recsys import cli
-from recsys.kafka import consumer_config
+from recsys.csv_mapping import resolve
+from recsys.kafka import read_to_end
 from recsys.settings import Settings, load
 from recsys.topics import create_topics, renamed
 from schemas import codec
 from spark.csv_input import read_purchases
 from spark.job import StreamJob
 from spark.publish import Topics
-from streams.csv_mapping import resolve
 from streams.csv_source import CsvSource
 
 pytestmark = pytest.mark.integration
@@ -93,40 +91,9 @@ def private_topics(settings: Settings, unique: str) -> Topics:
     return Topics.with_prefix(prefix)
 
 
-def _end(consumer: Consumer, tp: TopicPartition) -> int:
-    """The partition's high watermark, once it has a leader (a topic created a moment ago may
-    not have one yet)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=15)[1]
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def topic_values(settings: Settings, topic: str) -> list[dict[str, Any]]:
     """Every record on `topic` now, decoded."""
-    consumer = Consumer(consumer_config(settings, f"test-read-{time.time_ns()}"))
-    try:
-        meta = consumer.list_topics(topic, timeout=15).topics[topic]
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        ends = {tp.partition: _end(consumer, tp) for tp in parts}
-        left = {p for p, end in ends.items() if end > 0}
-        consumer.assign(parts)
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 60
-        while left and time.monotonic() < deadline:
-            for m in consumer.consume(num_messages=1000, timeout=0.5):
-                if m.error() is None:
-                    out.append(codec.decode(m.value())[1])
-                    if m.offset() + 1 >= ends[m.partition()]:
-                        left.discard(m.partition())
-        assert not left, f"{topic} not read to its end"
-        return out
-    finally:
-        consumer.close()
+    return [codec.decode(m.value())[1] for m in read_to_end(settings, topic)]
 
 
 @pytest.fixture

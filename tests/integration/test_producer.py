@@ -17,11 +17,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from recsys import cli as recsys_cli
-from recsys.kafka import admin_config, consumer_config, producer_config
+from recsys.kafka import admin_config, producer_config, read_to_end
 from recsys.paths import BUNDLED_DATA
 from recsys.settings import Settings, load
 from recsys.topics import create_like
@@ -43,31 +43,6 @@ def make_topics(settings: Settings, unique: str) -> tuple[str, str]:
     create_like(settings, SALES, prefix + SALES)
     create_like(settings, SALES_DLQ, prefix + SALES_DLQ)
     return prefix + SALES, prefix + SALES_DLQ
-
-
-def read_topic(settings: Settings, topic: str, timeout: float = 60) -> list[Any]:
-    """Every message on `topic` now (up to each partition's high watermark), in offset order."""
-    consumer = Consumer(consumer_config(settings, f"test-read-{time.time_ns()}"))
-    try:
-        meta = consumer.list_topics(topic, timeout=15).topics[topic]
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        ends = {
-            tp.partition: consumer.get_watermark_offsets(tp, timeout=15)[1] for tp in parts
-        }
-        consumer.assign(parts)
-        left = {p for p, end in ends.items() if end > 0}
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            for msg in consumer.consume(500, timeout=0.5):
-                assert msg.error() is None, msg.error()
-                out.append(msg)
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    left.discard(msg.partition())
-        assert not left, f"{topic}: partitions {left} not read to their end in {timeout}s"
-        return out
-    finally:
-        consumer.close()
 
 
 def bundled_rows(limit: int) -> list[list[str]]:
@@ -95,7 +70,7 @@ def test_replay_first_rows_and_read_them_back(settings, unique):
     assert (summary.failed, summary.unconfirmed) == (0, 0)
 
     # The sales topic holds exactly the mapped rows, keyed by user, nothing twice.
-    msgs = read_topic(settings, topic)
+    msgs = read_to_end(settings, topic)
     decoded = [codec.decode(m.value(), expect="Sale")[1] for m in msgs]
     assert len(decoded) == summary.published
     assert all(m.key().decode() == d["user_id"] for m, d in zip(msgs, decoded, strict=True))
@@ -113,7 +88,7 @@ def test_replay_first_rows_and_read_them_back(settings, unique):
     assert per_user == sorted(per_user, key=lambda e: int(e.rsplit(":", 1)[1]))
 
     # The DLQ holds every row without a customer, with its reason and its text.
-    letters = [codec.decode(m.value(), expect="DeadLetter")[1] for m in read_topic(settings, dlq)]
+    letters = [codec.decode(m.value(), expect="DeadLetter")[1] for m in read_to_end(settings, dlq)]
     assert sorted(d["row_number"] for d in letters) == no_customer
     for d in letters:
         assert d["reason"] == "no user_id (CustomerID is empty)"
@@ -339,8 +314,8 @@ def test_broker_restart_mid_replay_loses_nothing(broker_factory, tmp_path, uniqu
     assert before < summary.published + summary.dead_lettered, "the restart came too late"
 
     acked_ids = Counter(ident(v) for v in acked)
-    stored = Counter(ident(m.value()) for m in read_topic(settings, topic))
-    stored += Counter(ident(m.value()) for m in read_topic(settings, dlq))
+    stored = Counter(ident(m.value()) for m in read_to_end(settings, topic))
+    stored += Counter(ident(m.value()) for m in read_to_end(settings, dlq))
     lost = [e for e in acked_ids if e not in stored]
     duplicates = sum(n - 1 for n in stored.values() if n > 1)
     assert len(acked_ids) == summary.published + summary.dead_lettered == rows

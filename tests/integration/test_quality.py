@@ -16,7 +16,7 @@ import pytest
 from recsys import paths
 from recsys.settings import load
 from spark.csv_input import read_purchases_csv
-from spark.pipeline import run_training
+from spark.pipeline import load_indexes, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,8 @@ def test_default_settings_beat_popularity_and_implicit(
 ) -> None:
     settings = load(data_dir=tmp_path, split_cutoff=datetime(2011, 11, 1))
     sales = read_purchases_csv(spark, paths.BUNDLED_DATA)
-    result = run_training(spark, sales, settings, model_version=1)
+    result = run_training(spark, sales, settings, model_version=1,
+                          indexes=load_indexes(spark, settings))
     ours, base = result.metrics, result.baseline_metrics
     with capsys.disabled():
         print(

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from confluent_kafka import Producer
-from test_stream import decoded, job_settings, make_topics, produce_csv, read_all, wait_for
+from test_stream import decoded, job_settings, make_topics, produce_csv, wait_for
 
-from recsys.kafka import producer_config
+from recsys.kafka import producer_config, read_to_end
 from recsys.paths import BUNDLED_DATA, ROOT
 from recsys.settings import Settings
 from schemas import codec, factors
@@ -36,13 +36,13 @@ pytestmark = pytest.mark.integration
 def test_fold_in_reproduces_sparks_user_vectors_and_lists(settings, spark):
     """Every user of a model trained on the first 60,000 bundled rows, folded in from their own
     purchases against the model's item factors: Spark's vector and Spark's top-N."""
+    from recsys.csv_mapping import CsvMapping
     from spark import pipeline, publish
     from spark.csv_input import read_purchases_csv
-    from streams.csv_source import CsvMapping
 
     s = job_settings(settings, als_rank=8, als_max_iter=5, top_n=10)
     sales = read_purchases_csv(spark, str(BUNDLED_DATA), CsvMapping()).limit(60_000).cache()
-    result = pipeline.run_training(spark, sales, s, 1)
+    result = pipeline.run_training(spark, sales, s, 1, indexes=pipeline.load_indexes(spark, s))
     ids, y = publish.item_factors_local(result)
     model = foldin.Model(factors.assemble(1, list(factors.chunks(1, ids, y, result.params, []))))
 
@@ -116,7 +116,7 @@ def _sale(event_id: str, user: str, product: str, quantity: int = 1) -> dict[str
 
 def _fold_ins(settings: Settings, topic: str) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for m in read_all(settings, topic):
+    for m in read_to_end(settings, topic):
         rec = codec.decode(m.value())[1]
         if rec["source"] == "fold-in":
             out[rec["user_id"]].append(rec)
@@ -125,7 +125,7 @@ def _fold_ins(settings: Settings, topic: str) -> dict[str, list[dict[str, Any]]]
 
 def _states(settings: Settings, topic: str) -> dict[str, UserState]:
     latest = {}
-    for m in read_all(settings, topic):
+    for m in read_to_end(settings, topic):
         state = UserState.of(codec.decode(m.value(), expect="SpeedState")[1])
         latest[state.user_id] = state
     return latest
@@ -211,7 +211,7 @@ def test_speed_layer_folds_new_sales_in_and_survives_a_sigkill(settings, unique,
     items = [i["product_id"] for i in newest["items"]]
     assert catalogue[9] not in items and "NOT-IN-THE-MODEL" not in items
     # Model 1's chunks were retired once model 2 was out: compaction will drop them.
-    retired = [m for m in read_all(s, topics.model_factors) if m.value() is None]
+    retired = [m for m in read_to_end(s, topics.model_factors) if m.value() is None]
     assert retired and {m.key().decode().split(":")[0] for m in retired} == {"1"}
     unknown = re.findall(r"(\d+) sales of products the model does not know", speed.log())
     assert unknown and int(unknown[-1]) >= 1, speed.log()

@@ -27,9 +27,9 @@ from typing import Any
 import fastavro
 import pandas as pd
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from recsys.kafka import consumer_config, producer_config
+from recsys.kafka import producer_config, read_to_end
 from recsys.paths import BUNDLED_DATA, ROOT
 from recsys.settings import Settings, load
 from recsys.topics import create_topics, renamed
@@ -62,32 +62,8 @@ def job_settings(settings: Settings, **changes: Any) -> Settings:
     return load(**{**settings.model_dump(), **SMALL_ALS, "trigger_seconds": 0.5, **changes})
 
 
-def read_all(settings: Settings, topic: str, timeout: float = 60) -> list[Any]:
-    """Every message on `topic` now (up to each partition's high watermark), in offset order."""
-    consumer = Consumer(consumer_config(settings, f"test-read-{time.time_ns()}"))
-    try:
-        meta = consumer.list_topics(topic, timeout=15).topics[topic]
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=15)[1] for tp in parts}
-        consumer.assign(parts)
-        left = {p for p, end in ends.items() if end > 0}
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            for m in consumer.consume(num_messages=5000, timeout=0.5):
-                if m.error() is not None:
-                    continue
-                out.append(m)
-                if m.offset() + 1 >= ends[m.partition()]:
-                    left.discard(m.partition())
-        assert not left, f"{topic}: partitions {left} not read to their end in {timeout} s"
-        return sorted(out, key=lambda m: (m.partition(), m.offset()))
-    finally:
-        consumer.close()
-
-
 def decoded(settings: Settings, topic: str) -> list[dict[str, Any]]:
-    return [codec.decode(m.value())[1] for m in read_all(settings, topic)]
+    return [codec.decode(m.value())[1] for m in read_to_end(settings, topic)]
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
@@ -213,7 +189,7 @@ def test_replay_crosses_the_threshold_twice(settings, unique, spark):
             bought[user].add(product)
 
     latest: dict[str, dict[str, Any]] = {}
-    for m in read_all(s, topics.recommendations):
+    for m in read_to_end(s, topics.recommendations):
         rec = codec.decode(m.value())[1]
         assert m.key().decode() == rec["user_id"]
         latest[rec["user_id"]] = rec  # offset order: the last one per key is the current one
@@ -231,7 +207,7 @@ def test_replay_crosses_the_threshold_twice(settings, unique, spark):
     # The recommendation graph of each model: its export folder agrees with its lists, and
     # graph-edges holds each of its edges exactly once.
     edges_by_version: dict[int, Counter[str]] = defaultdict(Counter)
-    for m in read_all(s, topics.graph_edges):
+    for m in read_to_end(s, topics.graph_edges):
         edge = codec.decode(m.value())[1]
         assert m.key().decode() == edge["id"] == (
             f"{edge['model_version']}:{edge['user_id']}:{edge['product_id']}")

@@ -9,7 +9,7 @@ import pytest
 from pyspark.mllib.evaluation import RankingMetrics
 
 from recsys.settings import load
-from spark import evaluate, train
+from spark import evaluate, train, train_path
 
 pytestmark = pytest.mark.spark
 
@@ -124,9 +124,11 @@ def test_popularity_rmse_uses_the_buyer_share_as_preference(spark) -> None:
 
 def _matrices(spark):
     """A train and a test matrix: 12 users, 20 products; test has rebuys, new purchases, a new
-    user (99) and a new product (50)."""
+    user (99) and a new product (50). Every product's train ratings differ a little (+ i / 100):
+    two products with the same buyers and ratings get equal scores, and the two top-N ways
+    order equal scores differently."""
     schema = "user int, item int, rating float"
-    train_rows = [(u, i, float(1 + (u + i) % 3)) for u in range(12) for i in range(20)
+    train_rows = [(u, i, 1 + (u + i) % 3 + i / 100) for u in range(12) for i in range(20)
                   if (u * 7 + i * 3) % 5 < 2]
     test_rows = [(u, i, float(1 + u % 2)) for u in range(12) for i in range(20)
                  if (u * 5 + i) % 7 == 0] + [(99, 1, 1.0), (3, 50, 2.0)]
@@ -138,8 +140,8 @@ def test_driver_and_spark_evaluations_agree(spark, mode) -> None:
     train_m, test_m = _matrices(spark)
     model, _ = train.fit(train_m.cache(), load(als_rank=4, als_max_iter=3, seed=1, als_mode=mode))
     implicit = mode == "implicit"
-    in_spark = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, driver=False)
-    on_driver = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, driver=True)
+    in_spark = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, train_path.DISTRIBUTED)
+    on_driver = evaluate.model_and_baseline(model, train_m, test_m, 3, implicit, train_path.DRIVER)
     for spark_side, driver_side in zip(in_spark, on_driver, strict=True):
         assert spark_side["eval_users"] > 0
         assert spark_side.keys() == driver_side.keys()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from spark import graph, graph_export
+from spark import graph, graph_export, train_path
 
 pytestmark = pytest.mark.spark
 
@@ -43,7 +43,7 @@ def _result(spark):
                ("E", [1.0, 1.0])]
     return SimpleNamespace(
         model_version=7, recommendations=spark.createDataFrame(recs, RECS),
-        item_factors=spark.createDataFrame(factors, FACTORS),
+        item_factors=spark.createDataFrame(factors, FACTORS), path=train_path.DRIVER,
     )
 
 
@@ -130,8 +130,9 @@ def test_edges_carry_the_closest_bought_products(built) -> None:
     assert edges[("u2", "B")]["rank"] == 2 and edges[("u2", "B")]["model_version"] == 7
 
 
-@pytest.mark.parametrize("on_driver", [True, False])
-def test_because_picks_the_parallel_product_not_the_longest(spark, on_driver) -> None:
+@pytest.mark.parametrize("path", [train_path.DRIVER, train_path.DISTRIBUTED],
+                         ids=["driver", "distributed"])
+def test_because_picks_the_parallel_product_not_the_longest(spark, path) -> None:
     """B is nearly parallel to A; X is longer (a larger dot product) but points elsewhere."""
     factors = spark.createDataFrame(
         [("A", [1.0, 0.0, 0.0]), ("B", [0.99, 0.1, 0.0]), ("X", [3.0, 100.0, 0.0]),
@@ -140,7 +141,7 @@ def test_because_picks_the_parallel_product_not_the_longest(spark, on_driver) ->
         [("u", p) for p in ("W", "Y", "A", "X")], "user_id string, product_id string")
     edges = spark.createDataFrame([("u", "B"), ("v", "B")], "user_id string, product_id string")
     got = {(r["user_id"], r["product_id"]): r["because"]
-           for r in graph.because(spark, edges, bought, factors, on_driver).collect()}
+           for r in graph.because(spark, edges, bought, factors, path).collect()}
     assert got[("u", "B")] == ["A", "X", "Y"]
     assert got.get(("v", "B"), []) == []  # no history
 

@@ -168,6 +168,7 @@ def test_recommendations_round_trip_through_the_codec(spark):
 def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
     spark, tmp_path, monkeypatch, ids_via
 ):
+    from spark import files
     from spark import store as store_mod
 
     if ids_via == "spark":  # what an hdfs: or s3a: store does
@@ -188,8 +189,8 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
     assert store.append_batch(good(["c", "c", "e", "e", "a", "f"], 7), "q2", 1) == 2
     assert store.append_batch(good(["f", "g"], 13), "q2", 2) == 1
     assert store.append_batch(good([], 15), "q2", 3) == 0  # every record dead-lettered
-    assert not store_mod.exists(spark, store.batch_path("q2", 3))
-    assert store_mod.list_names(spark, str(tmp_path / "store/_staging/query_id=q2")) == []
+    assert not files.exists(spark, store.batch_path("q2", 3))
+    assert files.list_names(spark, str(tmp_path / "store/_staging/query_id=q2")) == []
     stored = store.read()
     assert sorted(r["event_id"] for r in stored.collect()) == ["a", "b", "c", "d", "e", "f", "g"]
     assert offset_ranges(stored) == [
@@ -200,7 +201,7 @@ def test_store_dedupes_within_a_batch_against_the_store_and_on_rerun(
 
 
 def test_model_versions_come_from_latest_or_the_model_folders(spark, tmp_path):
-    from spark.job import Models
+    from spark.registry import Models
 
     models = Models(spark, str(tmp_path / "models"))
     assert models.next_version() == 1

@@ -126,10 +126,10 @@ def test_random_split_is_seeded_disjoint_and_complete(spark) -> None:
 
 
 def _prepared(spark, sales, settings, driver):
-    from spark import pipeline
+    from spark import pipeline, train_path
 
-    prepare_ = pipeline._prepare_on_driver if driver else pipeline._prepare_on_cluster
-    got = prepare_(spark, sales, settings, lambda what: None)
+    path = train_path.DRIVER if driver else train_path.DISTRIBUTED
+    got = prepare.prepare(spark, sales, settings, pipeline.load_indexes(spark, settings), path)
     rows = sorted(tuple(r) for r in got.matrix.collect())
     got.matrix.unpersist()
     numbers = tuple(ix.numbers for ix in got.indexes)

@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys.settings import load
-from spark import pipeline, recommend, train
+from spark import pipeline, recommend, train, train_path
 from spark.pipeline import index_path, run_training, save
 
 pytestmark = pytest.mark.spark
@@ -49,11 +49,12 @@ def test_bucket_bounds_grow_by_four_and_stop_at_the_catalogue(spark) -> None:
     assert got == [16, 16, 64, 64, 256, 1000]
 
 
-@pytest.mark.parametrize("on_driver", [True, False], ids=["driver", "spark"])
-def test_als_top_items_leave_out_bought_and_rank_by_score(spark, model, on_driver) -> None:
+@pytest.mark.parametrize("path", [train_path.DRIVER, train_path.DISTRIBUTED],
+                         ids=["driver", "distributed"])
+def test_als_top_items_leave_out_bought_and_rank_by_score(spark, model, path) -> None:
     matrix = _matrix(spark)
     bought = recommend.bought_lists(matrix)
-    got = _lists(recommend.top_items(model, matrix.select("user"), 5, bought, on_driver))
+    got = _lists(recommend.top_items(model, matrix.select("user"), 5, bought, path))
     owned = {u: {r["item"] for r in matrix.where(F.col("user") == u).collect()} for u in range(10)}
     assert set(got) == set(range(10))
     for user, items in got.items():
@@ -67,18 +68,20 @@ def test_als_top_items_leave_out_bought_and_rank_by_score(spark, model, on_drive
 def test_driver_and_spark_paths_agree(spark, model) -> None:
     matrix = _matrix(spark)
     bought = recommend.bought_lists(matrix)
-    on_driver = _lists(recommend.top_items(model, matrix.select("user"), 4, bought, True))
-    in_spark = _lists(recommend.top_items(model, matrix.select("user"), 4, bought, False))
+    on_driver = _lists(recommend.top_items(model, matrix.select("user"), 4, bought, train_path.DRIVER))
+    in_spark = _lists(recommend.top_items(model, matrix.select("user"), 4, bought,
+                                          train_path.DISTRIBUTED))
     assert on_driver.keys() == in_spark.keys()
     for user, items in on_driver.items():
         assert [s for _, s, _ in items] == pytest.approx([s for _, s, _ in in_spark[user]], 1e-5)
 
 
-@pytest.mark.parametrize("on_driver", [True, False], ids=["driver", "spark"])
-def test_als_top_items_without_filter_may_repeat_bought(spark, model, on_driver) -> None:
+@pytest.mark.parametrize("path", [train_path.DRIVER, train_path.DISTRIBUTED],
+                         ids=["driver", "distributed"])
+def test_als_top_items_without_filter_may_repeat_bought(spark, model, path) -> None:
     matrix = _matrix(spark)
     users = matrix.select("user").where("user = 0")
-    got = _lists(recommend.top_items(model, users, 3, None, on_driver))
+    got = _lists(recommend.top_items(model, users, 3, None, path))
     assert len(got[0]) == 3 and {i for i, _, _ in got[0]} <= set(range(30))  # its own products
 
 
@@ -124,7 +127,7 @@ def test_named_lists_on_the_driver_equal_with_ids(spark, model) -> None:
     lists = recommend.top_lists_driver(model, matrix.select("user"), 4, bought)
     on_driver = recommend.named_lists(spark, lists, user_ids, product_ids)
     joined = recommend.with_ids(
-        recommend.top_items(model, matrix.select("user"), 4, bought, True), users, products
+        recommend.top_items(model, matrix.select("user"), 4, bought, train_path.DRIVER), users, products
     )
     assert on_driver.schema.simpleString() == joined.schema.simpleString()
 
@@ -149,9 +152,7 @@ def test_lists_from_driver_side_pairs_equal_the_collected_ones(spark, model) -> 
 
 
 @pytest.mark.parametrize("driver", [True, False], ids=["prepared-on-driver", "on-cluster"])
-def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path, monkeypatch, driver) -> None:
-    if not driver:
-        monkeypatch.setattr(pipeline, "DRIVER_MAX_EVENTS", 0)
+def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path, driver) -> None:
     t0 = datetime(2011, 1, 1)
     rows = []
     for u in range(12):
@@ -166,7 +167,9 @@ def test_run_training_end_to_end_on_tiny_data(spark, tmp_path: Path, monkeypatch
         data_dir=tmp_path, als_rank=4, als_max_iter=3, top_n=3, eval_k=3,
         split_cutoff=t0 + timedelta(days=30),
     )
-    result = run_training(spark, sales, conf, model_version=7)
+    path = train_path.DRIVER if driver else train_path.DISTRIBUTED
+    result = run_training(spark, sales, conf, model_version=7,
+                          indexes=pipeline.load_indexes(spark, conf), path=path)
     assert result.model_version == 7 and result.events == len(rows)
     assert result.users == 12 and result.products == 14
     assert result.event_time_min == t0 and result.train_seconds > 0

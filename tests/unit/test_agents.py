@@ -31,7 +31,8 @@ from streams.feedback import (
     recompute_by_source,
     recompute_shadow,
 )
-from streams.tables import State, Tables
+from streams.state import State
+from streams.tables import Tables
 
 pytestmark = pytest.mark.unit
 

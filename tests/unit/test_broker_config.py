@@ -148,3 +148,23 @@ def test_renamed_covers_every_declared_topic():
     names = renamed(suffix="-x1")
     assert names["sales"] == "sales-x1"
     assert set(names) == {t.name for t in TOPICS}
+
+
+# --- a node of the loopback cluster (recsys/cluster.py) ------------------------------------------------
+def test_a_cluster_node_replicates_three_times_with_min_isr_two(tmp_path):
+    voters = "1@127.0.0.1:19093,2@127.0.0.1:29093,3@127.0.0.1:39093"
+    props = server_properties(tmp_path, 29092, 29093, node_id=2, voters=voters, replicas=3)
+    assert props["node.id"] == "2"
+    assert props["controller.quorum.voters"] == voters
+    for key, value in props.items():
+        if key.endswith("replication.factor"):
+            assert value == "3", key
+        if key.endswith((".min.isr", ".insync.replicas")):
+            assert value == "2", key
+
+
+def test_a_cluster_node_restarts_on_its_own_controller_port(tmp_path):
+    voters = "1@127.0.0.1:19555,2@127.0.0.1:19556,3@127.0.0.1:19557"
+    first = LocalBroker(tmp_path, 19092, controller_port=19556, node_id=2, voters=voters)
+    first.properties_path.write_text(render_properties(first.properties()))
+    assert LocalBroker(tmp_path, 19092, node_id=2).controller_port == 19556

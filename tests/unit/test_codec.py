@@ -83,6 +83,19 @@ def test_truncated_body():
         codec.decode(data[:14])
 
 
+@pytest.mark.parametrize("field", ["event_id", "user_id", "product_id"])
+def test_an_empty_required_id_is_rejected_as_spark_ingest_rejects_it(field):
+    """Every reader (Spark's ingest, the speed layer, the aggregator) tells the same sales
+    apart: a Sale with no user, product or event id is a dead letter everywhere."""
+    from streams.faust_codec import AvroCodec, Undecodable
+
+    data = codec.encode("Sale", {**SALE, field: ""})
+    with pytest.raises(DecodeError, match=f"^required field {field} is empty$"):
+        codec.decode(data)
+    bad = AvroCodec("Sale").loads(data)  # the aggregator's fast path
+    assert isinstance(bad, Undecodable) and bad.reason == f"required field {field} is empty"
+
+
 def test_every_schema_round_trips_generated_records():
     from fastavro.utils import generate_many
 

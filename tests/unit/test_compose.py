@@ -148,3 +148,45 @@ def test_the_dashboard_listens_where_its_port_is_published():
     assert any(p.endswith(f":{port}:{port}") for p in service["ports"])
     origins = e["RECSYS_DASHBOARD_ALLOW_WEBSOCKET_ORIGIN"].split(",")
     assert f"localhost:{port}" in origins
+
+
+# --- the loopback cluster (recsys/cluster.py) runs the compose file's broker settings ----------------
+# Keys that describe where a node lives (hosts, listeners, folders, heap), not how it behaves.
+PLACEMENT = {"NODE_ID", "CONTROLLER_QUORUM_VOTERS", "LISTENERS", "ADVERTISED_LISTENERS",
+             "INTER_BROKER_LISTENER_NAME", "LISTENER_SECURITY_PROTOCOL_MAP", "LOG_DIRS",
+             "HEAP_OPTS"}
+
+
+def test_the_loopback_cluster_brokers_use_the_compose_broker_settings(tmp_path):
+    from recsys.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path, free_ports=True)
+    assert len(cluster.brokers) == len(KAFKA)
+    for name, broker in zip(KAFKA, cluster.brokers, strict=True):
+        e = env(SERVICES[name])
+        props = broker.properties()
+        behaviour = {k.removeprefix("KAFKA_"): v for k, v in e.items()
+                     if k.startswith("KAFKA_") and k.removeprefix("KAFKA_") not in PLACEMENT}
+        assert behaviour, name
+        for key, value in behaviour.items():
+            prop = key.lower().replace("_", ".")
+            assert props.get(prop) == value, f"{name}: {prop}={props.get(prop)!r}, compose {value!r}"
+        assert props["node.id"] == e["KAFKA_NODE_ID"]
+        voters = props["controller.quorum.voters"].split(",")
+        assert len(voters) == len(e["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(","))
+        # what compose leaves to Kafka's defaults (3 and 2) is set to the same explicitly
+        assert props["share.coordinator.state.topic.replication.factor"] == "3"
+        assert props["share.coordinator.state.topic.min.isr"] == "2"
+
+
+def test_the_loopback_cluster_points_the_product_like_the_compose_services(tmp_path):
+    from recsys.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path, free_ports=True)
+    s = cluster.settings()
+    stream = env(SERVICES["stream"])
+    assert s.topic_replication == int(stream["RECSYS_TOPIC_REPLICATION"])
+    assert len(s.kafka_bootstrap.split(",")) == len(stream["RECSYS_KAFKA_BOOTSTRAP"].split(","))
+    assert s.spark_master.startswith("spark://")
+    for path in (s.store, s.checkpoints, s.models, str(s.export_dir)):
+        assert Path(path).is_relative_to(cluster.shared_dir), path

@@ -1,4 +1,4 @@
-"""The mapping a user's CSV gets (streams/csv_mapping.py): optional columns, `--mapping auto`,
+"""The mapping a user's CSV gets (recsys/csv_mapping.py): optional columns, `--mapping auto`,
 time format detection, and every mapping mistake as one golden line with exit status 2 from
 `recsys produce`, `recsys train --file` and `recsys inspect`, before any broker or Spark."""
 
@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from recsys import cli
-from recsys.paths import BUNDLED_DATA
-from recsys.settings import load
-from streams.csv_mapping import (
+from recsys.csv_mapping import (
+    CsvMapping,
     MappingError,
     as_flags,
     detect_time_format,
     guess_column,
     resolve,
 )
-from streams.csv_source import CsvMapping, CsvSource
+from recsys.paths import BUNDLED_DATA
+from recsys.settings import load
+from streams.csv_source import CsvSource
 
 pytestmark = pytest.mark.unit
 
@@ -335,7 +336,7 @@ def test_inspect_prints_columns_rows_mapping_and_time_format(tmp_path, capsys):
 
 def test_resolved_flags_reach_the_readers_through_args(tmp_path):
     """`train --file` hands spark.job its args: after resolution they give the same mapping."""
-    from streams.csv_mapping import resolve_args
+    from recsys.csv_mapping import resolve_args
 
     path = write(tmp_path, FOUR)
     args = cli.build_parser().parse_args(["train", "--file", str(path), *FOUR_FLAGS])

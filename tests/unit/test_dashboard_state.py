@@ -10,12 +10,13 @@ import pytest
 
 from recsys.settings import load
 from schemas import topics
+from schemas.dead_letters import reason_label
 from visualizer import state as state_mod
 from visualizer.panels.network import PRODUCT_RING, USER_RING, radial_bipartite_layout
 from visualizer.panels.status import banner_html
 from visualizer.panels.stream import progress_html, speed_html
 from visualizer.panels.top_products import bar_label
-from visualizer.state import DashboardState, Meta, reason_label
+from visualizer.state import DashboardState, Meta
 
 pytestmark = pytest.mark.unit
 

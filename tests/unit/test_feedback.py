@@ -1,5 +1,5 @@
 """The feedback loop's arithmetic and the sales ledger, on tiny hand-built inputs with known
-answers (streams/feedback.py, streams/tables.py; no Faust, no Kafka)."""
+answers (streams/feedback.py, streams/state.py; no Faust, no Kafka)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas import codec
+from schemas.dead_letters import reason_label
+from schemas.millis import to_ms
 from streams.feedback import (
     BUCKET_MS,
     FOLD_IN,
@@ -23,15 +25,13 @@ from streams.feedback import (
     recompute,
     recompute_shadow,
     shadow_in_force,
-    to_ms,
     window_bounds,
 )
-from streams.tables import (
+from streams.state import (
     MAX_LISTS,
     DeadLetterState,
     RecommendationState,
     SalesState,
-    reason_label,
     serving_of,
 )
 
@@ -118,6 +118,18 @@ def test_feedback_record_is_a_valid_feedback_event_with_a_deterministic_id():
 def entry(i: int, minute: int, user: str = "u", product: str = "a", qty: int = 1,
           mv: int | None = 1, hit: int = 1, part: int = 0) -> list:
     return [f"e{i}", T0 + minute * BUCKET_MS + i, user, product, qty, mv, hit, part]
+
+
+def test_a_stored_sale_reads_back_by_name_older_records_included():
+    from streams.state import BatchSale
+
+    new = BatchSale("e1", T0, "u", "a", 2, 3, 1, 0, "fold-in", 4, 1)
+    assert new.stored() == ["e1", T0, "u", "a", 2, 3, 1, 0, "fold-in", 4, 1]
+    assert BatchSale.of(new.stored()) == new
+    plain = BatchSale("e2", T0, "u", "a", 1, 3, 0, 1, "retrain")
+    assert plain.stored() == ["e2", T0, "u", "a", 1, 3, 0, 1, "retrain"]  # no shadow fields
+    old = BatchSale.of(["e3", T0, "u", "a", 1, 3, 1, 0])  # written before `source` existed
+    assert (old.source, old.shadow_version, old.shadow_hit) == ("retrain", None, 0)
 
 
 def test_sales_inside_the_window_are_deduplicated_and_older_minutes_fold_into_totals():
@@ -306,7 +318,7 @@ def test_shadow_lists_are_judged_on_the_same_sales_as_the_served_ones():
 
 
 def test_codes_that_are_not_products_stay_out_of_the_top_products():
-    from streams.tables import SalesState
+    from streams.state import SalesState
 
     s = SalesState(900)
     s.products.update({"POST": [50, 0, 50], "85123A": [10, 0, 30], "M": [9, 1, 8],

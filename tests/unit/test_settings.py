@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from recsys import settings as settings_mod
 from recsys.settings import ENV_PREFIX, Settings, SettingsError, load
@@ -69,6 +69,25 @@ GOOD = {
     "dashboard_host": ("0.0.0.0", "0.0.0.0"),
     "dashboard_port": ("5106", 5106),
     "dashboard_allow_websocket_origin": ("a.example:5006,b.example:80", ["a.example:5006", "b.example:80"]),
+    "train_path": ("distributed", "distributed"),
+    "train_driver_max_events": ("500000", 500_000),
+    "broker_secure": ("true", True),
+    "kafka_security_protocol": ("SSL", "SSL"),
+    "kafka_sasl_mechanism": ("PLAIN", "PLAIN"),
+    "kafka_sasl_username": ("speed", "speed"),
+    "kafka_sasl_password": ("pw", SecretStr("pw")),
+    "kafka_sasl_password_file": ("/etc/hostname", Path("/etc/hostname")),
+    "kafka_ssl_ca_file": ("/etc/hostname", Path("/etc/hostname")),
+    "api_token": ("a" * 16, SecretStr("a" * 16)),
+    "dashboard_token": ("b" * 16, SecretStr("b" * 16)),
+}
+# What a security setting needs beside it to be valid (recsys/settings.py security_problem).
+COMPANIONS = {
+    "kafka_sasl_username": {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_password": "pw"},
+    "kafka_sasl_password": {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_username": "u"},
+    "kafka_sasl_password_file": {"kafka_security_protocol": "SASL_SSL",
+                                 "kafka_sasl_username": "u"},
+    "kafka_ssl_ca_file": {"kafka_security_protocol": "SSL"},
 }
 
 # One bad value per setting that has a constraint: (env value, words the error must contain).
@@ -99,6 +118,14 @@ BAD = {
     "aggregate_web_port": ("70000", "less than or equal to 65535"),
     "feedback_retrain_share": ("2", "less than or equal to 1"),
     "dashboard_port": ("http", "integer"),
+    "train_path": ("cluster", "'auto', 'driver' or 'distributed'"),
+    "train_driver_max_events": ("-1", "greater than or equal to 0"),
+    "broker_secure": ("sometimes", "boolean"),
+    "kafka_security_protocol": ("TLS", "'SASL_SSL'"),
+    "kafka_sasl_mechanism": ("GSSAPI", "'SCRAM-SHA-512'"),
+    "kafka_sasl_username": ("u", "allowed only with"),  # PLAINTEXT: it would be ignored
+    "kafka_sasl_password_file": ("/etc/hostname", "allowed only with"),
+    "kafka_ssl_ca_file": ("/etc/hostname", "allowed only with"),
 }
 
 
@@ -129,6 +156,8 @@ def test_defaults():
 def test_variable_lands_where_documented(monkeypatch, name):
     raw, expected = GOOD[name]
     monkeypatch.setenv(ENV_PREFIX + name.upper(), raw)
+    for other, value in COMPANIONS.get(name, {}).items():
+        monkeypatch.setenv(ENV_PREFIX + other.upper(), value)
     assert getattr(load(), name) == expected
 
 
@@ -149,6 +178,18 @@ def test_cli_flag_overrides_environment(monkeypatch):
     monkeypatch.setenv("RECSYS_KAFKA_BOOTSTRAP", "a:1")
     assert load(kafka_bootstrap="b:2").kafka_bootstrap == "b:2"
     assert load(kafka_bootstrap=None).kafka_bootstrap == "a:1"
+
+
+def test_override_lays_given_flags_over_settings_and_validates_them(tmp_path):
+    from recsys.settings import override
+
+    base = load(data_dir=tmp_path, train_threshold=100)
+    assert override(base, train_threshold=None) is base  # nothing given: the same object
+    over = override(base, train_threshold=5, trigger_seconds=None)
+    assert (over.train_threshold, over.data_dir, over.trigger_seconds) == (
+        5, base.data_dir, base.trigger_seconds)
+    with pytest.raises(SettingsError, match="RECSYS_TRAIN_THRESHOLD"):
+        override(base, train_threshold=-1)
 
 
 def test_settings_are_frozen():

@@ -1,5 +1,6 @@
 """The stream job's plain parts: model-ready's encoding, topic prefixes, the store state across a
-rerun batch, offsets and lag from a query's progress, and when training is due."""
+rerun batch, offsets and lag from a query's progress (when training is due:
+tests/unit/test_trigger.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from schemas import codec
 from spark import publish
+from spark.offsets import lag, ranges
 from spark.store import StoreState
 
 pytestmark = pytest.mark.unit
@@ -53,8 +55,6 @@ def test_state_counts_a_rerun_batch_once():
 
 
 def test_lag_reads_progress_offsets_as_json_or_repr():
-    from spark.job import lag
-
     end = "{'sales': {'0': 10, '1': 20}}"  # PySpark 4 hands a dict's repr
     assert lag(end, '{"sales": {"0": 15, "1": 20}}') == 5
     assert lag({"sales": {"0": 10}}, {"sales": {"0": 10, "1": 3}}) == 3  # a new partition
@@ -62,29 +62,7 @@ def test_lag_reads_progress_offsets_as_json_or_repr():
 
 
 def test_ranges_name_the_offsets_a_batch_read():
-    from spark.job import ranges
-
     end = "{'sales': {'0': 10, '1': 20, '2': 7}}"
     assert ranges("None", end) == "sales[0]@0-9, sales[1]@0-19, sales[2]@0-6"  # a first batch
     assert ranges('{"sales": {"0": 4, "1": 20, "2": 7}}', end) == "sales[0]@4-9"
     assert ranges(None, "not offsets") == "?"
-
-
-def test_training_is_due_at_the_threshold_or_after_max_wait(tmp_path):
-    from recsys.settings import load
-    from spark.job import StreamJob
-
-    job = StreamJob(None, load(data_dir=tmp_path, train_threshold=100))
-    job.state = StoreState(events=99, pending_since=1000.0)
-    assert job.due(now=5000.0) is None  # max-wait is off by default
-    job.state.events = 100
-    assert job.due(now=1000.0) == "threshold"
-
-    job = StreamJob(None, load(data_dir=tmp_path, train_threshold=100, train_max_wait_seconds=60))
-    job.state = StoreState(events=5, pending_since=1000.0)
-    assert job.due(now=1059.0) is None
-    assert job.due(now=1060.0) == "max_wait"
-    job.state = StoreState(events=5, events_at_model=5, last_model_at=0.0)
-    assert job.due(now=1e9) is None  # nothing new since the last model
-
-

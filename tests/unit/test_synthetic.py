@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from recsys.synthetic import SyntheticSales
 from schemas import codec
-from streams.synthetic import SyntheticSales
 
 pytestmark = pytest.mark.unit
 

@@ -6,10 +6,10 @@ rejected challenger's online hit-rate beside the champion's."""
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
 
 from bokeh.models import Div, InlineStyleSheet
 
+from schemas.millis import from_ms
 from visualizer.panels.stream import TRAINING
 from visualizer.state import FEEDBACK, MODELS, STREAM, DashboardState
 
@@ -42,7 +42,7 @@ def banner_html(status: dict, eval_k: int) -> str:
         if not status["caught_up"]:
             head += f" (reading history: {status['records']:,} records so far)"
         return f'<div class="recsys-banner waiting">{head}</div>'
-    when = datetime.fromtimestamp(model.trained_at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    when = from_ms(model.trained_at_ms).strftime("%Y-%m-%d %H:%M:%S")
 
     def fig(name: str, label: str) -> str:
         ours, base = model.metrics.get(name), model.baseline.get(name)

@@ -11,6 +11,7 @@ from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, Div, FactorRange, HoverTool
 from bokeh.plotting import figure
 
+from schemas.millis import now_ms
 from visualizer.state import STREAM, DashboardState
 
 WINDOW_S = 120
@@ -99,7 +100,7 @@ class StreamPanel:
             f"<b>now:</b> {sum(last) / max(len(last), 1):,.0f}/s &nbsp; "
             f"<b>dead letters:</b> {status['dlq_total']:,}"
         )
-        speed = speed_html(state.speed(int(time.time() * 1000)))
+        speed = speed_html(state.speed(now_ms()))
         if speed != self.speed.text:
             self.speed.text = speed
         reasons = state.dead_letters()[:REASONS_SHOWN]

@@ -1,5 +1,9 @@
-"""The mapping a CSV gets: the user's flags (or `--mapping auto`) fitted to the file's header and
+"""The mapping a CSV gets (`CsvMapping`: which column holds which `Sale` field, the time format
+and zone, the delimiter): the user's flags (or `--mapping auto`) fitted to the file's header and
 first rows, decided once, in `resolve`, for `produce`, `train --file` and `inspect`.
+
+Shared by two processes (the producer's row reader, streams/csv_source.py, and Spark's,
+spark/csv_input.py), so it lives in recsys/: neither imports the other.
 
 Rules:
 - A required column (user, product, quantity, time) is the one named by its flag; unnamed, the
@@ -26,15 +30,98 @@ import argparse
 import csv
 import difflib
 import gzip
+import io
+import math
 import re
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from streams.csv_source import CsvMapping, open_text, time_parser
+from schemas.millis import EPOCH, MS
+
+
+@dataclass(frozen=True)
+class CsvMapping:
+    """Which CSV column holds which `Sale` field; '' for an optional field means none.
+
+    Field names match the `--*-col` flags and spark.csv_input.CsvMapping, so `produce` and
+    `train --file` read a file the same way. The defaults are the bundled file's names; a
+    user's file gets its mapping from `resolve` below, which fits the flags to
+    the file's header (an optional column the file lacks and nobody named is simply absent).
+    """
+
+    user_col: str = "CustomerID"
+    product_col: str = "StockCode"
+    quantity_col: str = "Quantity"
+    time_col: str = "InvoiceDate"
+    price_col: str = "UnitPrice"
+    invoice_col: str = "InvoiceNo"
+    description_col: str = "Description"
+    country_col: str = "Country"
+    time_format: str = "%Y-%m-%d %H:%M:%S"  # strptime format, "iso", "epoch-s" or "epoch-ms"
+    timezone: str = "Europe/London"  # zone of naive timestamps
+    delimiter: str = ","
+
+    def __post_init__(self) -> None:
+        if len(self.delimiter) != 1:
+            raise ValueError(f"--delimiter must be one character, not {self.delimiter!r}")
+        if not self.time_format:
+            raise ValueError("--time-format must not be empty")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CsvMapping:
+        """The mapping from the shared CLI flags (unset flags keep the defaults); a typed `\\t`
+        delimiter means a tab."""
+        given = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        if given.get("delimiter") == "\\t":
+            given["delimiter"] = "\t"
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+def time_parser(time_format: str, timezone: str) -> Callable[[str], int]:
+    """raw -> UTC epoch millis; ValueError when the text does not fit the format."""
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {timezone!r}") from None
+
+    def aware(dt: datetime) -> int:
+        # A naive time is wall-clock time in `zone`; in the autumn's repeated hour it reads as
+        # the first (summer-time) one, as zoneinfo's fold=0 does.
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=zone)
+        return (dt - EPOCH) // MS
+
+    if time_format in ("epoch-ms", "epoch-s"):
+        scale = 1 if time_format == "epoch-ms" else 1000
+
+        def parse(raw: str) -> int:
+            try:
+                return int(raw) * scale
+            except ValueError:
+                value = float(raw)  # "1.29e12" or "1291191960000.0"
+                if not math.isfinite(value):
+                    raise
+                return int(value * scale)  # truncated, as Spark's cast to long
+
+        return parse
+    if time_format == "iso":
+        return lambda raw: aware(datetime.fromisoformat(raw))
+    strptime = datetime.strptime
+    return lambda raw: aware(strptime(raw, time_format))
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """Plain or gzip UTF-8 text (a BOM is skipped), newline='' as the csv module wants. Bytes
+    that are not UTF-8 read as U+FFFD rather than stopping the replay."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+
 
 SAMPLE_ROWS = 200  # data rows read to check and detect formats
 HEAD_BYTES = 1 << 16  # bytes read to tell text from binary
@@ -503,16 +590,25 @@ def describe(resolved: Resolved, rows: int = 5) -> list[str]:
     return out
 
 
+def resolve_for(command: str, path: str | Path, args: argparse.Namespace) -> Resolved | None:
+    """`resolve_args` for `recsys <command>`: the resolved mapping, or None after the one line of
+    the mistake (no such file, or the MappingError) on stderr; the command then exits 2, before
+    it asks the broker or Spark anything."""
+    path = Path(path)
+    if not path.is_file():
+        print(f"recsys {command}: no such file {path}", file=sys.stderr)
+        return None
+    try:
+        return resolve_args(path, args)
+    except MappingError as exc:
+        print(f"recsys {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def inspect_cli(settings: object, args: argparse.Namespace) -> int:
     """`recsys inspect --file F`: the columns, a few rows, the mapping that would be used."""
-    path = Path(args.file)
-    if not path.is_file():
-        print(f"recsys inspect: no such file {path}", file=sys.stderr)
-        return 2
-    try:
-        resolved = resolve_args(path, args)
-    except MappingError as exc:
-        print(f"recsys inspect: {exc}", file=sys.stderr)
+    resolved = resolve_for("inspect", args.file, args)
+    if resolved is None:
         return 2
     for line in describe(resolved, args.rows):
         print(line)

@@ -5,6 +5,9 @@ users are a Zipf-active base plus new users who join as the stream goes on (each
 basket comes when they join); a basket of 1-8 lines shares an invoice and a time; a share of
 baskets are returns of something the user bought before (negative quantity, "C" invoice, as in the
 Online Retail data). Only `random.Random(seed)` decides, so runs match across machines.
+
+Used by the producer (`recsys produce --synthetic`), Spark's warm-up and the benches, so it lives
+in recsys/: no process package imports another.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from streams.csv_source import Item, Record
+Record = dict[str, Any]  # a `Sale` as the codec takes it (event_time in epoch ms)
 
 START_MS = 1_291_190_400_000  # 2010-12-01T08:00:00Z, where the bundled data starts
 COUNTRIES = ("United Kingdom",) * 9 + ("Germany", "France", "EIRE", "Spain", "Netherlands")
@@ -23,7 +27,8 @@ COUNTRIES = ("United Kingdom",) * 9 + ("Germany", "France", "EIRE", "Spain", "Ne
 
 @dataclass(frozen=True)
 class SyntheticSales:
-    """Iterable of `events` items `(sale, None)`; iterate twice, get the same events twice."""
+    """Iterable of `events` items `(sale, None)` (the producer's item shape: a sale, no dead
+    letter); iterate twice, get the same events twice."""
 
     users: int = 5000
     products: int = 3000
@@ -44,7 +49,7 @@ class SyntheticSales:
     def source_name(self) -> str:
         return f"synthetic-{self.seed}"
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[tuple[Record, None]]:
         rng = random.Random(self.seed)
         product_weights = list(
             itertools.accumulate(1.0 / (r**self.zipf_s) for r in range(1, self.products + 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import numpy as np
 import pytest
 
 from recsys.settings import load
@@ -99,10 +100,20 @@ def test_the_cycle_decides_once_from_the_settings_and_the_graph_follows(spark, t
             on_driver = {(r["user_id"], r["product_id"]): r["because"] for r in g.edges.collect()}
         finally:
             g.unpersist()
-        # The same products explain each edge; float32 (driver) and double (Spark) cosines may
-        # order near-equal ones differently (tests/spark/test_graph.py checks the order).
-        assert {k: sorted(v) for k, v in via_result.items()} == {
-            k: sorted(v) for k, v in on_driver.items()}
-        assert len(via_result) == 3 * result.users
+        # The same products explain each edge, but float32 (driver) and double (Spark) cosines
+        # may pick either of two near-equal ones for the last place (tests/spark/test_graph.py
+        # checks the order): a product only one path chose must be as similar as one the other
+        # chose instead.
+        assert via_result.keys() == on_driver.keys() and len(via_result) == 3 * result.users
+        unit = {r["product_id"]: np.array(r["features"], dtype=np.float64)
+                for r in result.item_factors.collect()}
+        unit = {p: v / (np.linalg.norm(v) or 1.0) for p, v in unit.items()}
+        for edge, ours in via_result.items():
+            theirs = on_driver[edge]
+            assert len(ours) == len(theirs), edge
+            only_ours, only_theirs = set(ours) - set(theirs), set(theirs) - set(ours)
+            sims = sorted(float(unit[edge[1]] @ unit[p]) for p in only_ours), sorted(
+                float(unit[edge[1]] @ unit[p]) for p in only_theirs)
+            assert sims[0] == pytest.approx(sims[1], abs=1e-5), (edge, ours, theirs)
     finally:
         result.recommendations.unpersist()

@@ -15,7 +15,8 @@ file and publishes recommendations, the graph, the factors and model-ready. Prin
 and at the end the growth (cycle at the largest size / at 2 M, by the path the rule picks) and,
 per size, which path was faster (the crossover `RECSYS_TRAIN_DRIVER_MAX_EVENTS` should sit at).
 The figures go to var/bench/scale/results.json (merged with earlier runs: sizes can be run one
-at a time) and the curve to docs/scale.svg.
+at a time), each run's log (its time and memory by step) to var/bench/scale/logs/ and the curve
+to docs/scale.svg.
 
     python -m bench scale                                       # every size, both paths
     python -m bench.scale --sizes 0.4M,2M --paths driver,distributed,auto
@@ -195,6 +196,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     """The crossover per size and the growth of the path the rule picks."""
     out = []
     ok = {(r["size"], r["asked"]): r for r in rows if "error" not in r}
+    compared, crossover = [], None
     for size in SIZES:
         d, s = ok.get((size, "driver")), ok.get((size, "distributed"))
         if d and s:
@@ -202,6 +204,13 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"scale {size}: driver {d['cycle_seconds']:.1f} s / distributed "
                        f"{s['cycle_seconds']:.1f} s = {d['cycle_seconds'] / s['cycle_seconds']:.2f}"
                        f" ({faster} faster)")
+            compared.append(size)
+            if faster == "distributed" and crossover is None:
+                crossover = size
+    if compared:
+        out.append(f"scale crossover: the distributed path first faster at {crossover}"
+                   if crossover else f"scale crossover: none up to {compared[-1]} (the driver "
+                   f"path faster at {', '.join(compared)})")
     from recsys.settings import load
     from spark.train_path import decide
 
@@ -242,7 +251,7 @@ def plot(rows: list[dict[str, Any]], target: Path = PLOT) -> Path:
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
              f'<text x="{left}" y="18" font-size="14">bench scale: training cycle against '
-             'events (log-log; 2 cores, shared machine)</text>']
+             'events (log-log; one 2-core machine)</text>']
     for decade in range(int(lo_y), int(hi_y) + 1):
         y = py(10.0**decade)
         parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" '
@@ -282,14 +291,18 @@ def _run_one(size: str, where: str, bootstrap: str, tmp: Path) -> dict[str, Any]
     """`one` in a child process (its own memory peak, a clean JVM), with a time limit."""
     cmd = [sys.executable, "-m", "bench.scale", "--one", size, where, "--bootstrap", bootstrap,
            "--workdir", str(tmp / f"{size}-{where}")]
+    env = {**os.environ, "RECSYS_LOG_LEVEL": os.environ.get("RECSYS_LOG_LEVEL", "INFO")}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                              cwd=paths.ROOT)
+                              cwd=paths.ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"size": size, "asked": where, "error": f"over {RUN_TIMEOUT} s"}
     marker = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode == 0 and marker:
         return json.loads(marker[-1])
+    log_file = HERE / "logs" / f"{size}-{where}.log"  # the run's own log (time by step)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(done.stderr)
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return {"size": size, "asked": where, "error": f"exit {done.returncode}: {tail[:300]}"}
 
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = _load_results()
     for text in summary(rows):
         print(text, flush=True)
-    print(f"scale: curve in {plot(rows)} (figures in {RESULTS}; machine shared: timings noisy)")
+    print(f"scale: curve in {plot(rows)} (figures in {RESULTS}, logs in {HERE / 'logs'})")
 
 
 if __name__ == "__main__":

@@ -258,10 +258,11 @@ class Settings(BaseSettings):
         "events, distributed above). ALS.fit runs in Spark on both; decided once per cycle.",
     )
     train_driver_max_events: int = Field(
-        2_000_000,
+        20_000_000,
         ge=0,
-        description="Largest cycle (sales events) `train_path=auto` runs on the driver path; "
-        "`bench scale` measures where the distributed path starts to win.",
+        description="Largest cycle (sales events) `train_path=auto` runs on the driver path: "
+        "the largest size `bench scale` measured, the driver path being the faster at every "
+        "size up to it on one machine; on a cluster, measure there.",
     )
     # --- Security ---------------------------------------------------------------------------------
     broker_secure: bool = Field(

@@ -319,8 +319,9 @@ def _model_top(
     """The model's top k of `users`, bought items left out, as `recommend.top_items`."""
     rows = user_factors.rows_of(np.array(users, dtype=np.int64))
     users = [u for u, row in zip(users, rows.tolist(), strict=True) if row >= 0]
-    tops = item_factors.top(user_factors.matrix[rows[rows >= 0]], [list(bought[u]) for u in users], k)
-    return {user: items for user, (items, _) in zip(users, tops, strict=True)}
+    best, _ = item_factors.best(user_factors.matrix[rows[rows >= 0]],
+                                [list(bought[u]) for u in users], k)
+    return {user: items[items >= 0].tolist() for user, items in zip(users, best, strict=True)}
 
 
 def _popular_top(

@@ -18,6 +18,7 @@ as usual when refitting on all data; the second fit costs about as much as the f
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,21 +64,23 @@ class TrainResult:
 
 
 class _Steps:
-    """The seconds of each step of a cycle, logged in one line: where a cycle's time goes."""
+    """The seconds of each step of a cycle and the driver's Python memory peak after it, logged
+    in one line: where a cycle's time and memory go."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.last = time.perf_counter()
-        self.done: list[tuple[str, float]] = []
+        self.done: list[tuple[str, float, float]] = []
 
     def __call__(self, what: str) -> None:
         now = time.perf_counter()
-        self.done.append((what, now - self.last))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        self.done.append((what, now - self.last, peak))
         self.last = now
 
     def log(self) -> None:
-        log.info("%s: time by step: %s", self.name,
-                 ", ".join(f"{what} {s:.1f} s" for what, s in self.done))
+        log.info("%s: time by step (python peak after it): %s", self.name,
+                 ", ".join(f"{what} {s:.1f} s ({gib:.2f} GiB)" for what, s, gib in self.done))
 
 
 def index_path(settings: Settings, kind: str) -> str:

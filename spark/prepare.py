@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -216,16 +217,26 @@ def matrices_local(
 ) -> pd.DataFrame:
     """`matrices` on arrays (one row per event: user and item numbers, quantity, held out or
     not): per pair the net quantity of its train events, its test events and all its events
-    (columns user, item, train, test, all), pairs positive on no side left out; sorted by pair."""
-    q = quantity.astype(np.int64)
-    test = np.where(is_test, q, 0)
-    net = (
-        pd.DataFrame({"user": user, "item": item, "train": q - test, "test": test, "all": q})
-        .groupby(["user", "item"], sort=True)
-        .sum()
-        .reset_index()
-    )
-    return net[(net["train"] > 0) | (net["test"] > 0) | (net["all"] > 0)].reset_index(drop=True)
+    (columns user, item, train, test, all), pairs positive on no side left out; sorted by pair.
+
+    One sort of a 64-bit pair key and two bincounts: a fifth of the memory of a pandas groupby
+    over the five columns (which held ~0.7 GiB per million events at the 20 M size)."""
+    key = (np.asarray(user, np.int64) << 32) | np.asarray(item, np.int64)
+    pairs, which = np.unique(key, return_inverse=True)
+    q = np.asarray(quantity, np.int64)
+    del key
+    # Sums of integers in float64 are exact below 2**53; quantities are 32-bit.
+    every = np.rint(np.bincount(which, weights=q, minlength=len(pairs))).astype(np.int64)
+    test = np.rint(np.bincount(which, weights=np.where(is_test, q, 0),
+                               minlength=len(pairs))).astype(np.int64)
+    del which
+    train = every - test
+    keep = (train > 0) | (test > 0) | (every > 0)
+    pairs = pairs[keep]
+    return pd.DataFrame({
+        "user": (pairs >> 32).astype(np.int32), "item": (pairs & 0xFFFFFFFF).astype(np.int32),
+        "train": train[keep], "test": test[keep], "all": every[keep],
+    })
 
 
 def strength_local(quantity: np.ndarray, confidence: str) -> np.ndarray:
@@ -341,23 +352,31 @@ def _prepare_on_driver(
     ]
     if settings.split == "random":
         columns.append(split_events(events, settings).is_test.alias("is_test"))
-    frame = events.select(*columns).toPandas()
-    if frame.empty:
+    # Arrow all the way: the ids stay Arrow strings and only the distinct ones become Python
+    # objects (a pandas frame of 20 M events held two Python strings per event).
+    table = events.select(*columns).toArrow()
+    if not table.num_rows:
         raise ValueError("no valid events to train on")
-    user_code, user_ids = pd.factorize(frame["user_id"])
-    item_code, product_ids = pd.factorize(frame["product_id"])
+    user_ids, product_ids = (pc.unique(table[c]) for c in ("user_id", "product_id"))
+    user_code, item_code = (
+        pc.index_in(table[c], value_set=ids).to_numpy()
+        for c, ids in (("user_id", user_ids), ("product_id", product_ids))
+    )
+    user_ids, product_ids = user_ids.to_pylist(), product_ids.to_pylist()
     indexes = (indexes[0].extended(user_ids), indexes[1].extended(product_ids))
     step("events, index")
 
-    micros = frame["micros"].to_numpy(np.int64)
+    frame = {c: table[c].to_numpy() for c in table.column_names[2:]}
+    del table
+    micros = frame["micros"].astype(np.int64)
     if settings.split == "random":
-        is_test, cutoff = frame["is_test"].to_numpy(bool), None
+        is_test, cutoff = frame["is_test"].astype(bool), None
     else:
         is_test, cutoff = time_split_local(micros, settings)
     numbers = [np.array([ix.numbers[i] for i in ids], dtype=np.int32)
                for ix, ids in zip(indexes, (user_ids, product_ids), strict=True)]
     net = matrices_local(
-        numbers[0][user_code], numbers[1][item_code], frame["quantity"].to_numpy(), is_test
+        numbers[0][user_code], numbers[1][item_code], frame["quantity"], is_test
     )
     matrix = spark.createDataFrame(net, MATRIX_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     matrix.count()  # cached now, so ALS.fit's seconds count ALS only
@@ -369,5 +388,5 @@ def _prepare_on_driver(
         "users": int(bought["user"].nunique()),
         "products": int(bought["item"].nunique()),
     }
-    return Prepared(matrix, counts, cutoff, indexes, len(frame), _micros_time(micros.min()),
+    return Prepared(matrix, counts, cutoff, indexes, len(micros), _micros_time(micros.min()),
                     _micros_time(micros.max()), net)

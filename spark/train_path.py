@@ -15,9 +15,14 @@ answers (tests/spark/test_paths.py runs the same cases through both):
 The driver variants save Spark jobs (each costs ~0.1-1 s of scheduling on two cores) and hold
 what they collect in the driver's memory; the distributed ones hold nothing big there. Which one
 pays is a matter of size only, so the rule is one number: `auto` runs on the driver up to
-`settings.train_driver_max_events` events. `bench scale` measures both paths by size; on one
-2-core machine the driver path was the faster at every size run so far (docs/benchmarks.md), and
-the default (2,000,000, the limit the prepare step had before) awaits the larger sizes.
+`settings.train_driver_max_events` events. `bench scale` measured both paths from 0.4 M to 20 M
+events on one 2-core machine (README: The training path): the driver path was the faster at
+every size (two to three times), and at 20 M its Python peaked at 2.4 GiB (ids stay Arrow
+strings, pairs are netted on a sorted 64-bit key, users are scored by `implicit`'s top-k in
+blocks). There is no crossover up to 20 M, so the default is the largest size measured: above
+it the distributed path, which needs no driver memory to speak of, takes over. On a cluster,
+where Spark's jobs spread over more cores than the driver has, set the number from a `bench
+scale` run there.
 The decision is a small frozen object that the cycle passes along (`TrainResult.path` carries it
 on to the graph), so no step re-decides from its own idea of "large".
 """

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 
 from recsys.settings import Settings
 from spark import evaluate, prepare, train, train_path
+from spark.train_path import TrainPath
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,27 @@ def validation_matrices(
     return matrix, prepare.side(matrix, "train", settings), prepare.side(matrix, "test", settings)
 
 
-def search(sales: DataFrame, settings: Settings) -> Tuned:
+def search(sales: DataFrame, settings: Settings, path: TrainPath | None = None) -> Tuned:
     """Fit every grid point on the inner train side and score it on validation; one log line
-    per fit. ValueError when either side is empty (too few events to tune on)."""
+    per fit. Scored on the training cycle's path (`spark.train_path`: decided here from the
+    events when not given). ValueError when either side is empty (too few events to tune on)."""
     metric = metric_of(settings)
+    if path is None:
+        path = train_path.decide(sales.count(), settings)
     matrix, fit_m, val_m = validation_matrices(sales, settings)
     try:
-        fit_local, val_local = fit_m.toPandas(), val_m.toPandas()
-        if fit_local.empty or val_local.empty:
+        fit_m = fit_m.cache()
+        if path.driver:  # both sides collected once, scored with numpy for every point
+            fit_e, val_e = fit_m.toPandas(), val_m.toPandas()
+            n_fit, n_val = len(fit_e), len(val_e)
+        else:
+            fit_e, val_e = fit_m, val_m.cache()
+            n_fit, n_val = fit_m.count(), val_m.count()
+        if not n_fit or not n_val:
             raise ValueError(
-                f"too few events to tune: {len(fit_local)} train and {len(val_local)} "
+                f"too few events to tune: {n_fit} train and {n_val} "
                 "validation pairs inside the train split"
             )
-        fit_m = fit_m.cache()
         points = grid(settings)
         scored: list[Point] = []
         best: Point | None = None
@@ -129,7 +138,7 @@ def search(sales: DataFrame, settings: Settings) -> Tuned:
                                             "als_alpha": alpha})
             model, seconds = train.fit(fit_m, s)
             metrics, _ = evaluate.model_and_baseline(
-                model, fit_local, val_local, settings.eval_k, implicit, train_path.DRIVER
+                model, fit_e, val_e, settings.eval_k, implicit, path
             )
             metrics.pop("eval_users", None)
             point = Point(rank, reg, alpha, metrics, seconds)
@@ -139,12 +148,14 @@ def search(sales: DataFrame, settings: Settings) -> Tuned:
             log.info("tune %d/%d: rank %d, reg %g, alpha %g: %s %.4f (%.1f s)%s", i,
                      len(points), rank, reg, alpha, metric, metrics[metric], seconds,
                      " best so far" if best is point else "")
-        fit_m.unpersist()
     finally:
+        fit_m.unpersist()
+        if not path.driver:
+            val_m.unpersist()
         matrix.unpersist()
     if best is None:
         raise ValueError(f"no grid point gave a {metric} on the validation side")
-    return Tuned(metric, scored, best, len(fit_local), len(val_local))
+    return Tuned(metric, scored, best, n_fit, n_val)
 
 
 def table(tuned: Tuned, k: int) -> list[str]:

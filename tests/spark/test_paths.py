@@ -117,3 +117,19 @@ def test_the_cycle_decides_once_from_the_settings_and_the_graph_follows(spark, t
             assert sims[0] == pytest.approx(sims[1], abs=1e-5), (edge, ours, theirs)
     finally:
         result.recommendations.unpersist()
+
+
+def test_the_grid_search_scores_every_point_alike_on_both_paths(spark, tmp_path) -> None:
+    from spark import tune
+
+    settings = load(data_dir=tmp_path, als_rank=4, als_max_iter=5, eval_k=5, tune_ranks="2,4",
+                    tune_reg_params="0.1", tune_alphas="10")
+    sales = _sales(spark)
+    on_driver = tune.search(sales, settings, train_path.DRIVER)
+    distributed = tune.search(sales, settings, train_path.DISTRIBUTED)
+    assert (on_driver.fit_pairs, on_driver.validation_pairs) == (
+        distributed.fit_pairs, distributed.validation_pairs)
+    for ours, theirs in zip(on_driver.points, distributed.points, strict=True):
+        assert ours.params() == theirs.params()
+        assert ours.metrics[on_driver.metric] == pytest.approx(theirs.metrics[on_driver.metric],
+                                                               abs=1e-9)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recsys import paths
-from recsys.procs import alive, pid_from_file, wait_exit
+from recsys.procs import Daemon, send
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def new_cluster_id() -> str:
 # --- the broker ------------------------------------------------------------------------------------
 
 
-class LocalBroker:
+class LocalBroker(Daemon):
     """A real single-node KRaft broker in a child JVM, owning one data folder.
 
     Several instances may point at the same folder (the CLI's `stop` in another process does):
@@ -278,17 +278,9 @@ class LocalBroker:
         return props
 
     # --- state
-    @property
-    def pid(self) -> int | None:
-        """The pid of this folder's running broker (started here or by another process)."""
-        if self._proc is not None:
-            if self._proc.poll() is None and alive(self._proc.pid):
-                return self._proc.pid
-            self._proc = None
-        return pid_from_file(self.pid_path, "kafka.Kafka", str(self.properties_path))
-
-    def is_running(self) -> bool:
-        return self.pid is not None
+    def marks(self) -> tuple[str, ...]:
+        """What this folder's broker has on its command line (`Daemon.pid` checks them)."""
+        return "kafka.Kafka", str(self.properties_path)
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         """A metadata request answers with this folder's cluster id within `timeout`."""
@@ -389,7 +381,7 @@ class LocalBroker:
             self._forget()
             return
         log.info("stopping broker pid %d (%s)", pid, self.bootstrap)
-        self._signal(pid, signal.SIGTERM)
+        send(pid, signal.SIGTERM)
         if not self._wait_exit(pid, timeout):
             self._force_kill()
             raise BrokerError(
@@ -497,29 +489,14 @@ class LocalBroker:
                 raise BrokerError(f"another Kafka cluster ({answered}) answers on {self.bootstrap}")
             time.sleep(0.1)
 
-    def _signal(self, pid: int, sig: signal.Signals) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def _wait_exit(self, pid: int, timeout: float) -> bool:
-        return wait_exit(pid, timeout, self._proc)
-
     def _force_kill(self) -> None:
         pid = self.pid
         if pid is not None:
             log.info("killing broker pid %d (%s)", pid, self.bootstrap)
-            self._signal(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
             if not self._wait_exit(pid, 30):
                 raise BrokerError(f"broker pid {pid} survived SIGKILL for 30s")
         self._forget()
-
-    def _forget(self) -> None:
-        if self._proc is not None:
-            self._proc.poll()
-            self._proc = None
-        self.pid_path.unlink(missing_ok=True)
 
     def _rotate_log(self) -> None:
         if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:

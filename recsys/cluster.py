@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.broker import BrokerError, LocalBroker, free_port, new_cluster_id, port_in_use
-from recsys.procs import alive, pid_from_file, wait_exit
+from recsys.procs import Daemon, send
 from recsys.settings import Settings, load
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def pyspark_home() -> Path:
 # --- Spark daemons ----------------------------------------------------------------------------------
 
 
-class SparkDaemon:
+class SparkDaemon(Daemon):
     """A Spark standalone daemon (master or worker) in a child JVM, owning one folder.
 
     The command line carries `-Drecsys.daemon=<folder>`, so a pid file left by a dead daemon is
@@ -128,13 +128,8 @@ class SparkDaemon:
         raise NotImplementedError
 
     # --- state
-    @property
-    def pid(self) -> int | None:
-        if self._proc is not None:
-            if self._proc.poll() is None and alive(self._proc.pid):
-                return self._proc.pid
-            self._proc = None
-        return pid_from_file(self.pid_path, f"-Drecsys.daemon={self.folder}")
+    def marks(self) -> tuple[str, ...]:
+        return (f"-Drecsys.daemon={self.folder}",)
 
     # --- lifecycle
     def start(self, timeout: float = 60.0, *, wait: bool = True) -> SparkDaemon:
@@ -191,7 +186,7 @@ class SparkDaemon:
         pid = self.pid
         if pid is not None:
             log.info("stopping spark %s pid %d", self.name, pid)
-            _signal(pid, signal.SIGTERM)
+            send(pid, signal.SIGTERM)
             if not self._wait_exit(pid, timeout):
                 self.kill()
                 return
@@ -202,7 +197,7 @@ class SparkDaemon:
         pid = self.pid
         if pid is not None:
             log.info("killing spark %s pid %d", self.name, pid)
-            _signal(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
             if not self._wait_exit(pid, 30):
                 raise ClusterError(f"spark {self.name} pid {pid} survived SIGKILL for 30s")
         self._forget()
@@ -212,15 +207,6 @@ class SparkDaemon:
         return self.start(timeout)
 
     # --- internals
-    def _wait_exit(self, pid: int, timeout: float) -> bool:
-        return wait_exit(pid, timeout, self._proc)
-
-    def _forget(self) -> None:
-        if self._proc is not None:
-            self._proc.poll()
-            self._proc = None
-        self.pid_path.unlink(missing_ok=True)
-
     def _log_excerpt(self, tail: int = 15) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -284,13 +270,6 @@ class SparkWorker(SparkDaemon):
             w.get("state") == "ALIVE" and str(w.get("webuiaddress", "")).endswith(mine)
             for w in status.get("workers", [])
         )
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 # --- the cluster ------------------------------------------------------------------------------------
@@ -413,7 +392,7 @@ class LocalCluster:
             part.stop(timeout)
         for broker in self.brokers:
             if (pid := broker.pid) is not None:
-                _signal(pid, signal.SIGTERM)
+                send(pid, signal.SIGTERM)
         deadline = time.monotonic() + min(timeout, BROKER_STOP_GRACE)
         for broker in self.brokers:
             try:

@@ -1,8 +1,11 @@
-"""What the launcher and the supervisor ask about a process by its pid."""
+"""What the launcher and the supervisor ask about a process by its pid, and what the daemons we
+start (the local broker, Spark's master and workers) share: finding their process again, waiting
+for it to end, signalling it, forgetting it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,3 +68,46 @@ def wait_exit(pid: int, timeout: float, proc: subprocess.Popen | None = None) ->
             return False
         time.sleep(0.1)
     return True
+
+
+def send(pid: int, sig: signal.Signals) -> None:
+    """`sig` to `pid`; a process already gone is no error."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Daemon:
+    """A process started by us or by another process, found again through its pid file: a pid
+    counts only while its command line carries every one of `marks()` (a stale file's pid may
+    belong to another process by now). Subclasses set `pid_path` and `_proc` (their child, when
+    this process started it)."""
+
+    pid_path: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def marks(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the running process (started here or by another process)."""
+        if self._proc is not None:
+            if self._proc.poll() is None and alive(self._proc.pid):
+                return self._proc.pid
+            self._proc = None
+        return pid_from_file(self.pid_path, *self.marks())
+
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        return wait_exit(pid, timeout, self._proc)
+
+    def _forget(self) -> None:
+        """Reap our child, if any, and drop the pid file."""
+        if self._proc is not None:
+            self._proc.poll()
+            self._proc = None
+        self.pid_path.unlink(missing_ok=True)

@@ -55,6 +55,7 @@ from streams.feedback import (
     recompute_shadow,
     window_bounds,
 )
+from tests.waiting import exited, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,21 +97,10 @@ class Worker:
             return exc.code, json.loads(exc.read() or b"null")
 
     def wait_for(self, what: str, check: Any, timeout: float = WAIT) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited ({self.proc.returncode}) waiting for {what}:\n"
-                            + self.tail())
-            try:
-                last = check()
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                last = None
-            if last:
-                return last
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what} (last: {last!r}):\n{self.tail()}")
+        """`check()`'s first truthy value; a server not answering yet counts as not yet."""
+        assert self.proc is not None
+        return wait_for(what, check, timeout, 0.2, exited(self.proc, "worker"), self.tail,
+                        (OSError,))
 
     def stats(self) -> dict[str, Any]:
         status, body = self.get("/stats")

@@ -33,6 +33,7 @@ from recsys.settings import Settings, load
 from recsys.topics import create_topics
 from schemas import codec
 from schemas import topics as T
+from tests.waiting import exited, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -108,19 +109,10 @@ class Child:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def wait_for(self, what: str, check: Any, timeout: float = WAIT) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{what}: the process exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                last = check()
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                last = None
-            if last:
-                return last
-            time.sleep(0.3)
-        pytest.fail(f"timed out waiting for {what} (last {last!r}):\n{self.tail()}")
+        """`check()`'s first truthy value; a server not answering yet counts as not yet."""
+        assert self.proc is not None
+        return wait_for(what, check, timeout, 0.3, exited(self.proc, "the process"), self.tail,
+                        (OSError,))
 
     def stop(self) -> None:
         if self.proc.poll() is None:

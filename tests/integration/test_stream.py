@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from spark.publish import Topics
 from spark.store import Store
 from streams.csv_source import CsvSource
 from streams.producer import SalesProducer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +65,6 @@ def job_settings(settings: Settings, **changes: Any) -> Settings:
 
 def decoded(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return [codec.decode(m.value())[1] for m in read_to_end(settings, topic)]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def produce_csv(settings: Settings, topics: Topics, limit: int, skip: int = 0) -> list[dict]:

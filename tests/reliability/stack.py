@@ -14,10 +14,8 @@ import logging
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +25,13 @@ from recsys.paths import BUNDLED_DATA
 from recsys.procs import alive
 from recsys.settings import Settings, load
 from schemas import topics as T
+from tests.waiting import wait_for
 
 log = logging.getLogger(__name__)
 
 # Small, fast models: the faults are the point, not the model's quality.
 SMALL_ALS = {"als_rank": 4, "als_max_iter": 3, "top_n": 5, "eval_k": 5, "promote_gate": False,
              "spark_shuffle_partitions": 2, "spark_driver_memory": "1g", "warm_up": False}
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5,
-             dead: Callable[[], str | None] | None = None) -> Any:
-    """`check()`'s first truthy value; AssertionError after `timeout` s, or as soon as `dead()`
-    names a reason (a process that exited) to stop waiting."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        if dead is not None and (why := dead()):
-            raise AssertionError(f"{why} while waiting for {what}")
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 class Stack:

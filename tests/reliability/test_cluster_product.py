@@ -41,6 +41,7 @@ from recsys.paths import BUNDLED_DATA, ROOT
 from recsys.settings import ENV_PREFIX, Settings, load
 from recsys.topics import create_topics, renamed
 from schemas import codec
+from tests import waiting
 
 pytestmark = pytest.mark.reliability
 
@@ -112,22 +113,14 @@ class Role:
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT,
              roles: tuple[Role, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        for role in roles:
-            if role.proc.poll() is not None:
-                pytest.fail(f"{role.proc.args[3:]} exited ({role.proc.returncode}) waiting for "
-                            f"{what}:\n{role.tail()}", pytrace=False)
-        try:
-            last = check()
-        except OSError:
-            last = None
-        if last:
-            return last
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n"
-                + "\n".join(r.tail() for r in roles), pytrace=False)
+    """`tests.waiting.wait_for`, given up as soon as one of `roles` exits; their logs' tails in
+    the message."""
+    def dead() -> str | None:
+        gone = [r for r in roles if r.proc.poll() is not None]
+        return gone and f"{gone[0].proc.args[3:]} exited ({gone[0].proc.returncode})" or None
+
+    return waiting.wait_for(what, check, timeout, 0.3, dead,
+                            lambda: "\n".join(r.tail() for r in roles), (OSError,))
 
 
 # --- reading the results -------------------------------------------------------------------------

@@ -182,6 +182,8 @@ def _gib(n: float) -> str:
 
 def line(row: dict[str, Any]) -> str:
     label = f"scale {row['size']} {row.get('asked')}"
+    if "over_seconds" in row:
+        return f"{label}: stopped unfinished after {row['over_seconds']:.0f} s (--timeout)"
     if "error" in row:
         return f"{label}: FAILED ({row['error']})"
     return (f"{label}: cycle {row['cycle_seconds']:.1f} s to recommendations, ALS.fit "
@@ -197,8 +199,18 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     ok = {(r["size"], r["asked"]): r for r in rows if "error" not in r}
     compared, crossover = [], None
+    stopped = {(r["size"], r["asked"]): r["over_seconds"] for r in rows if "over_seconds" in r}
     for size in SIZES:
         d, s = ok.get((size, "driver")), ok.get((size, "distributed"))
+        for done, other, cut in ((d, "distributed", stopped.get((size, "distributed"))),
+                                 (s, "driver", stopped.get((size, "driver")))):
+            if done and cut and done["cycle_seconds"] < cut:
+                faster = done["asked"]
+                out.append(f"scale {size}: {faster} {done['cycle_seconds']:.1f} s / {other} "
+                           f"stopped unfinished after {cut:.0f} s ({faster} faster)")
+                compared.append(size)
+                if faster == "distributed" and crossover is None:
+                    crossover = size
         if d and s:
             faster = "driver" if d["cycle_seconds"] <= s["cycle_seconds"] else "distributed"
             out.append(f"scale {size}: driver {d['cycle_seconds']:.1f} s / distributed "
@@ -287,22 +299,33 @@ def plot(rows: list[dict[str, Any]], target: Path = PLOT) -> Path:
     return target
 
 
-def _run_one(size: str, where: str, bootstrap: str, tmp: Path) -> dict[str, Any]:
+def _keep_log(size: str, where: str, text: str | bytes | None) -> None:
+    """The run's own log (its time and memory by step) under var/bench/scale/logs/."""
+    log_file = HERE / "logs" / f"{size}-{where}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    log_file.write_text(text or "")
+
+
+def _run_one(size: str, where: str, bootstrap: str, tmp: Path,
+             timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
     """`one` in a child process (its own memory peak, a clean JVM), with a time limit."""
     cmd = [sys.executable, "-m", "bench.scale", "--one", size, where, "--bootstrap", bootstrap,
            "--workdir", str(tmp / f"{size}-{where}")]
     env = {**os.environ, "RECSYS_LOG_LEVEL": os.environ.get("RECSYS_LOG_LEVEL", "INFO")}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               cwd=paths.ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"size": size, "asked": where, "error": f"over {RUN_TIMEOUT} s"}
+    except subprocess.TimeoutExpired as stopped:
+        _keep_log(size, where, stopped.stderr)
+        # A lower bound still compares: the other path may have finished sooner.
+        return {"size": size, "asked": where, "error": f"over {timeout:.0f} s",
+                "over_seconds": timeout}
+    _keep_log(size, where, done.stderr)
     marker = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode == 0 and marker:
         return json.loads(marker[-1])
-    log_file = HERE / "logs" / f"{size}-{where}.log"  # the run's own log (time by step)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.write_text(done.stderr)
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return {"size": size, "asked": where, "error": f"exit {done.returncode}: {tail[:300]}"}
 
@@ -314,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma-separated, of {', '.join(SIZES)} (default: all)")
     p.add_argument("--paths", default=",".join(PATHS),
                    help="comma-separated, of driver, distributed, auto (default: driver,distributed)")
+    p.add_argument("--timeout", type=float, default=RUN_TIMEOUT,
+                   help=f"seconds one run may take; a run stopped there is recorded as slower "
+                   f"than that (default {RUN_TIMEOUT})")
     p.add_argument("--plot-only", action="store_true", help="redraw docs/scale.svg and stop")
     p.add_argument("--one", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--bootstrap", help=argparse.SUPPRESS)
@@ -341,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     with scratch_broker("scale") as (broker, tmp):
         for size in sizes:
             for where in wheres:
-                row = _run_one(size, where, broker.bootstrap, tmp)
+                row = _run_one(size, where, broker.bootstrap, tmp, args.timeout)
                 _store(row)
                 print(line(row), flush=True)
     rows = _load_results()

@@ -34,3 +34,12 @@ def test_a_failed_run_is_reported_not_compared() -> None:
             _row("20M", "distributed", 1500.0)]
     assert scale.line(rows[0]) == "scale 20M driver: FAILED (exit 137: killed)"
     assert not [line for line in scale.summary(rows) if "crossover" in line]
+
+
+def test_a_run_stopped_after_the_other_path_finished_counts_as_the_slower() -> None:
+    rows = [_row("20M", "driver", 600.0),
+            {"size": "20M", "asked": "distributed", "error": "over 1200 s", "over_seconds": 1200}]
+    lines = scale.summary(rows)
+    assert ("scale 20M: driver 600.0 s / distributed stopped unfinished after 1200 s (driver "
+            "faster)") in lines
+    assert "scale crossover: none up to 20M (the driver path faster at 20M)" in lines

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # On the driver, users are scored in blocks of up to this many scores (32 MB of float32).
 _BLOCK_FLOATS = 8_000_000
+_MASKED = np.finfo(np.float32).min  # implicit's top-k score of a filtered item
 _FIRST_BUCKET = 16
 _BUCKET_GROWTH = 4
 
@@ -142,18 +143,19 @@ class Factors:
         score -inf. Scored in blocks by `implicit`'s top-k (a matrix product per block and a
         heap select in C++ on every core): at 100 K items 217 s per million users, against
         ~1,500 s for numpy's matrix product and `argpartition` (docs/benchmarks.md)."""
-        keep = min(n, len(self.ids))
-        users = np.ascontiguousarray(users, dtype=np.float32).reshape(len(users), -1)
-        out_items = np.full((len(users), max(keep, 0)), -1, dtype=np.int64)
-        out_scores = np.full((len(users), max(keep, 0)), -np.inf, dtype=np.float64)
+        keep = max(min(n, len(self.ids)), 0)
+        out_items = np.full((len(users), keep), -1, dtype=np.int64)
+        out_scores = np.full((len(users), keep), -np.inf, dtype=np.float64)
         if keep == 0 or len(users) == 0:
             return out_items, out_scores
+        users = np.ascontiguousarray(users, dtype=np.float32).reshape(len(users), -1)
         block = max(1, _BLOCK_FLOATS // max(len(self.ids), 1))
         for lo in range(0, len(users), block):
             part = users[lo:lo + block]
             rows, scores = topk(self.matrix, part, keep, num_threads=0,
                                 filter_query_items=self._bought_rows(bought[lo:lo + block]))
-            finite = np.isfinite(scores)
+            # implicit scores a masked item -FLT_MAX: a row that ran out of items ends in them.
+            finite = np.isfinite(scores) & (scores > _MASKED)
             out_items[lo:lo + len(part)] = np.where(finite, self.ids[np.where(finite, rows, 0)],
                                                      -1)
             out_scores[lo:lo + len(part)] = np.where(finite, scores, -np.inf)
